@@ -1,0 +1,50 @@
+"""paribus: the derivatives of neural-network training, in JAX.
+
+Partial derivatives (exact and by nudging one parameter), gradients, per-example gradients,
+Jacobians, the NTK, and Gauss-Newton / Levenberg-Marquardt steps.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from paribus import nets
+from paribus.curvature import ntk
+from paribus.derivatives import (
+    JacobianCheck,
+    check_jacobian,
+    nudge,
+    partial,
+    per_example_grads,
+)
+from paribus.jacobian import Jacobian, jacobian
+from paribus.residuals import (
+    PerExample,
+    loss,
+    loss_and_grad,
+    per_example,
+    regression_residuals,
+    residual_jacobian,
+)
+
+try:
+    __version__ = version("paribus")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "Jacobian",
+    "JacobianCheck",
+    "PerExample",
+    "__version__",
+    "check_jacobian",
+    "jacobian",
+    "loss",
+    "loss_and_grad",
+    "nets",
+    "ntk",
+    "nudge",
+    "partial",
+    "per_example",
+    "per_example_grads",
+    "regression_residuals",
+    "residual_jacobian",
+]

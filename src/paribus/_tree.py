@@ -1,0 +1,133 @@
+"""Pytree helpers at the linear-algebra boundary: ravelling, column labels, validation.
+
+Everything here is private. Column order is always that of
+``jax.flatten_util.ravel_pytree(params)``: leaves in ``jax.tree`` order, each leaf in C order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+PyTree = Any
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """``(DictKey('layers'), SequenceKey(1), DictKey('w'))`` -> ``"layers[1].w"``."""
+    parts: list[str] = []
+    for key in path:
+        if isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(f"[{key.idx}]")
+        elif isinstance(key, jax.tree_util.DictKey):
+            name = str(key.key)
+            parts.append(name if not parts else f".{name}")
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(key.name if not parts else f".{key.name}")
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(f"[{key.key}]")
+        else:  # pragma: no cover - custom key types
+            parts.append(str(key))
+    return "".join(parts) or "theta"
+
+
+def leaf_names(params: PyTree) -> list[str]:
+    """One name per leaf of ``params``, in ``jax.tree`` order."""
+    with_path, _ = jax.tree_util.tree_flatten_with_path(params)
+    return [path_name(path) for path, _ in with_path]
+
+
+def labels(params: PyTree) -> tuple[str, ...]:
+    """One label per scalar parameter, in ravel order: ``"layers[1].w[3,7]"``, ``"b[0]"``."""
+    shapes = [np.shape(leaf) for leaf in jax.tree.leaves(params)]
+    return labels_from(leaf_names(params), shapes)
+
+
+def labels_from(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> tuple[str, ...]:
+    """Labels from leaf names and shapes (see :func:`labels`)."""
+    out: list[str] = []
+    for name, shape in zip(names, shapes, strict=True):
+        if not shape:
+            out.append(name)
+            continue
+        for index in np.ndindex(*shape):
+            out.append(f"{name}[{','.join(str(i) for i in index)}]")
+    return tuple(out)
+
+
+def num_params(params: PyTree) -> int:
+    """P, the number of scalars in ``params``."""
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
+
+
+def check_float_params(params: PyTree, *, where: str) -> None:
+    """Raise ``TypeError`` unless every leaf of ``params`` is a floating-point array."""
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError(f"{where}: params has no leaves; expected a pytree of float arrays.")
+    for name, leaf in zip(leaf_names(params), leaves, strict=True):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{where}: parameter {name!r} has dtype {dtype}; expected a floating-point "
+                "array (derivatives with respect to integers are not defined). "
+                "Cast it, e.g. jnp.asarray(x, jnp.float32)."
+            )
+
+
+def param_dtype(params: PyTree) -> jnp.dtype:
+    """The common floating dtype of ``params``."""
+    return jnp.result_type(*jax.tree.leaves(params))
+
+
+def resolve_index(params: PyTree, k: int | str | jax.Array) -> int | jax.Array:
+    """A flat parameter index from an integer, a traced integer, or a column label."""
+    size = num_params(params)
+    if isinstance(k, str):
+        all_labels = labels(params)
+        try:
+            return all_labels.index(k)
+        except ValueError:
+            close = [lab for lab in all_labels if lab.split("[")[0] == k.split("[")[0]][:5]
+            hint = f" Labels with that prefix include {close}." if close else ""
+            raise KeyError(
+                f"no parameter labelled {k!r}; labels look like {all_labels[0]!r}.{hint}"
+            ) from None
+    if isinstance(k, int | np.integer):
+        k = int(k)
+        if not -size <= k < size:
+            raise IndexError(f"parameter index {k} out of range for P = {size} parameters.")
+        return k % size
+    k = jnp.asarray(k)
+    if k.shape != () or not jnp.issubdtype(k.dtype, jnp.integer):
+        raise TypeError(
+            f"k must be an int, an integer scalar array or a label; got {k.dtype}{k.shape}."
+        )
+    return k
+
+
+def one_hot_tree(params: PyTree, k: int | jax.Array) -> PyTree:
+    """The tangent e_k shaped like ``params``."""
+    flat, unravel = ravel_pytree(params)
+    return unravel(jnp.zeros_like(flat).at[k].set(1))
+
+
+def leading_size(batch: PyTree, *, where: str) -> int:
+    """N, the common leading axis of every leaf of ``batch``."""
+    leaves = jax.tree.leaves(batch)
+    if not leaves:
+        raise ValueError(
+            f"{where}: the batch has no arrays; expected arrays with a leading N axis."
+        )
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+    if None in sizes or len(sizes) != 1:
+        shapes = [np.shape(leaf) for leaf in leaves]
+        raise ValueError(
+            f"{where}: every array in the batch needs the same leading (example) axis; "
+            f"got shapes {shapes}."
+        )
+    return int(sizes.pop())

@@ -1,0 +1,26 @@
+"""Strict test settings (STYLE.md rule 13).
+
+- float64 everywhere by default: accuracy is asserted in x64; float32 tests cast explicitly.
+- rank promotion raises, so a silent (N,) + (N, 1) broadcast is a test failure.
+- warnings are errors (pyproject's ``filterwarnings``).
+- hypothesis is derandomised: CI sees the same examples on every run.
+"""
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+settings.register_profile(
+    "ci",
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
