@@ -3,12 +3,19 @@
 - float64 everywhere by default: accuracy is asserted in x64; float32 tests cast explicitly.
 - rank promotion raises, so a silent (N,) + (N, 1) broadcast is a test failure.
 - warnings are errors (pyproject's ``filterwarnings``).
+- eight host CPU devices (XLA_FLAGS), for the sharded tests.
 - hypothesis is derandomised: CI sees the same examples on every run.
 """
 
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Eight host devices, so the sharding tests run on any CPU machine (CI included). Single-device
+# code still runs on device 0.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
