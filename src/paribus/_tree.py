@@ -6,6 +6,7 @@ Everything here is private. Column order is always that of
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +50,12 @@ def labels(params: PyTree) -> tuple[str, ...]:
 
 def labels_from(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> tuple[str, ...]:
     """Labels from leaf names and shapes (see :func:`labels`)."""
+    return _labels_cached(tuple(names), tuple(tuple(s) for s in shapes))
+
+
+@functools.lru_cache(maxsize=32)
+def _labels_cached(names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...]) -> tuple[str, ...]:
+    # Cached: a Jacobian's .labels of a large network is P strings, asked for repeatedly.
     out: list[str] = []
     for name, shape in zip(names, shapes, strict=True):
         if not shape:
@@ -88,19 +95,16 @@ def resolve_index(params: PyTree, k: int | str | jax.Array) -> int | jax.Array:
     """A flat parameter index from an integer, a traced integer, or a column label."""
     size = num_params(params)
     if isinstance(k, str):
-        all_labels = labels(params)
-        try:
-            return all_labels.index(k)
-        except ValueError:
-            close = [lab for lab in all_labels if lab.split("[")[0] == k.split("[")[0]][:5]
-            hint = f" Labels with that prefix include {close}." if close else ""
-            raise KeyError(
-                f"no parameter labelled {k!r}; labels look like {all_labels[0]!r}.{hint}"
-            ) from None
+        return _label_index(params, k)
+    if isinstance(k, bool | np.bool_):
+        raise TypeError(f"k must be an int, an integer scalar array or a label; got {k!r}.")
     if isinstance(k, int | np.integer):
         k = int(k)
         if not -size <= k < size:
-            raise IndexError(f"parameter index {k} out of range for P = {size} parameters.")
+            raise IndexError(
+                f"parameter index {k} out of range for P = {size} parameters "
+                f"(valid: {-size} .. {size - 1})."
+            )
         return k % size
     k = jnp.asarray(k)
     if k.shape != () or not jnp.issubdtype(k.dtype, jnp.integer):
@@ -108,6 +112,33 @@ def resolve_index(params: PyTree, k: int | str | jax.Array) -> int | jax.Array:
             f"k must be an int, an integer scalar array or a label; got {k.dtype}{k.shape}."
         )
     return k
+
+
+def _label_index(params: PyTree, label: str) -> int:
+    """The column of ``label``; on a miss, say which leaves and index ranges exist."""
+    names = leaf_names(params)
+    shapes = [np.shape(leaf) for leaf in jax.tree.leaves(params)]
+    start = 0
+    for name, shape in zip(names, shapes, strict=True):
+        size = int(np.prod(shape))
+        if label == name and not shape:
+            return start
+        if shape and label.startswith(name + "[") and label.endswith("]"):
+            try:
+                index = tuple(int(i) for i in label[len(name) + 1 : -1].split(","))
+            except ValueError:
+                index = ()
+            if len(index) == len(shape) and all(
+                0 <= i < n for i, n in zip(index, shape, strict=True)
+            ):
+                return start + int(np.ravel_multi_index(index, shape))
+        start += size
+    leaves = ", ".join(f"{n} {tuple(s)}" for n, s in zip(names, shapes, strict=True))
+    raise KeyError(
+        f"no parameter labelled {label!r}. Labels are a leaf name and an index within the "
+        f"leaf's shape, e.g. {labels_from(names[:1], shapes[:1])[0]!r}; the leaves and their "
+        f"shapes are: {leaves}."
+    )
 
 
 def one_hot_tree(params: PyTree, k: int | jax.Array) -> PyTree:

@@ -44,6 +44,7 @@ class _Spec(NamedTuple):
     treedef: Any
     leaf_names: tuple[str, ...]
     leaf_shapes: tuple[tuple[int, ...], ...]
+    mode: str = "auto"
 
 
 @jax.tree_util.register_pytree_node_class
@@ -70,6 +71,11 @@ class Jacobian:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.matrix.shape)
+
+    @property
+    def mode(self) -> str:
+        """The mode that computed the matrix (what ``"auto"`` resolved to)."""
+        return self.spec.mode
 
     @property
     def n_examples(self) -> int:
@@ -164,11 +170,14 @@ def jacobian(
     """
     if mode not in MODES:
         raise ValueError(f"unknown Jacobian mode {mode!r}; expected one of {MODES}.")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}.")
     spec = _spec(fn, params, xs, where="pb.jacobian")
     if mode == "auto":
         mode = auto_mode(fn, spec)
+    spec = spec._replace(mode=mode)
     flat, unravel = ravel_pytree(params)
     n, m = spec.n_examples, int(np.prod(spec.out_shape))
 

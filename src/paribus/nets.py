@@ -78,6 +78,11 @@ class MLPApply:
         for i, (layer, n_a, n_b) in enumerate(
             zip(layers, self.sizes[:-1], self.sizes[1:], strict=True)
         ):
+            if not isinstance(layer, dict):
+                raise ValueError(
+                    f"mlp {list(self.sizes)}: layer {i} expected a dict {{'w', 'b'}}; "
+                    f"got {type(layer).__name__}."
+                )
             shapes = {k: jnp.shape(v) for k, v in layer.items()}
             if shapes != {"w": (n_a, n_b), "b": (n_b,)}:
                 raise ValueError(
