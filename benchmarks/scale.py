@@ -1,0 +1,209 @@
+"""Benchmark: the dual LM step at scale, against a batch gradient; data-parallel over devices.
+
+Question (issue 7): on a wide MLP with far more parameters than residuals (32-2048-2048-1,
+N = 1024: P = 4,265,985, N*m = 1024), does one dual (kernel) Levenberg-Marquardt step cost no
+more than 3 batch gradients? A hand-written JAX prototype measured 1.3 ms against 0.53 ms on an
+H200 (DESIGN.md).
+
+The dual step is delta = -J^T (J J^T + lambda I)^(-1) r: the structured NTK J J^T from per-layer
+activations and backprop signals (J never formed), one Cholesky of (N*m)^2, one vjp, and the
+loss at the trial point (what LM needs for its gain ratio). Rows:
+
+- ``batch gradient``: 1/2 ||r||^2 and g = J^T r by one vjp (``pb.loss_and_grad``), the baseline;
+- ``residual NTK``: ``pb.curvature.residual_ntk`` (R, R);
+- ``LM step (paribus, dual)``: one jitted ``pb.levenberg_marquardt(solve="dual").update``;
+- ``LM step (plain JAX, dual)``: the hand-written prototype, the twin the paribus step is held to.
+
+With more than one device visible, the gradient and both LM steps are timed again data-parallel
+(batch split over every device, params replicated: ``pb.sharding``). float32 by default.
+
+Run: ``python benchmarks/scale.py`` (full) or ``--quick`` (the issue's case and a small one).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402
+
+import paribus as pb  # noqa: E402
+from paribus import sharding  # noqa: E402
+
+# (sizes, N, reference figures on one H200 from DESIGN.md: batch grad, dual LM step, in ms)
+CASES = {
+    "1-64-64-1": ([1, 64, 64, 1], 512, (0.29, 0.42)),
+    "16-1024-1024-1": ([16, 1024, 1024, 1], 1024, (0.22, 1.05)),
+    "32-2048-2048-1": ([32, 2048, 2048, 1], 1024, (0.53, 1.30)),
+}
+QUICK = ("1-64-64-1", "32-2048-2048-1")
+DAMPING = 1e-2
+
+
+def problem(sizes, n, dtype):
+    init, apply = pb.nets.mlp(sizes, "tanh", dtype=dtype)
+    params = init(jax.random.key(0))
+    kx, ky = jax.random.split(jax.random.key(1))
+    xs = jax.random.normal(kx, (n, sizes[0]), dtype)
+    ys = jax.random.normal(ky, (n, sizes[-1]), dtype)
+    return apply, params, (xs, ys)
+
+
+def plain_dual_step(apply, params, batch, lam):
+    """delta = -J^T (K + lam I)^(-1) r with K = sum_l (A_l A_l^T + 1) * (D_l D_l^T) for m = 1,
+    A_l the layer inputs (N, n_(l-1)) and D_l the backprop signals (N, n_l); then L(theta+delta).
+    """
+    xs, ys = batch
+    layers = params["layers"]
+    inputs, preacts, a = [], [], xs
+    for i, layer in enumerate(layers):
+        z = a @ layer["w"] + layer["b"]
+        inputs.append(a)
+        preacts.append(z)
+        a = z if i == len(layers) - 1 else jnp.tanh(z)
+    r = (a - ys)[:, 0]
+    signal = jnp.ones_like(preacts[-1])
+    kernel = (inputs[-1] @ inputs[-1].T + 1) * (signal @ signal.T)
+    for layer_above, z, x_in in zip(layers[:0:-1], preacts[-2::-1], inputs[-2::-1], strict=True):
+        signal = (signal @ layer_above["w"].T) * (1 - jnp.tanh(z) ** 2)
+        kernel = kernel + (x_in @ x_in.T + 1) * (signal @ signal.T)
+    eye = jnp.eye(r.shape[0], dtype=r.dtype)
+    coef = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(kernel + lam * eye), r)
+    _, pullback = jax.vjp(lambda p: jax.vmap(apply, (None, 0))(p, xs)[:, 0], params)
+    (step,) = pullback(-coef)
+    trial = jax.tree.map(jnp.add, params, step)
+    trial_r = jax.vmap(apply, (None, 0))(trial, xs) - ys
+    return step, 0.5 * jnp.sum(trial_r**2)
+
+
+def paribus_lm(residual_fn):
+    """One jitted dual LM update of ``pb.levenberg_marquardt``, or None when it is not there."""
+    if not hasattr(pb, "levenberg_marquardt"):
+        return None, "pb.levenberg_marquardt not available"
+    opt = pb.levenberg_marquardt(solve="dual", init_damping=DAMPING)
+
+    @jax.jit
+    def step(params, state, batch):
+        return opt.update(None, state, params, residual_fn=residual_fn, batch=batch)
+
+    return (opt, step), ""
+
+
+def time_case(name, sizes, n, ref, *, dtype, repeats, mesh=None):
+    apply, params, batch = problem(sizes, n, dtype)
+    residual_fn = pb.regression_residuals(apply)
+    where = "1 device" if mesh is None else f"{mesh.size} devices"
+    if mesh is not None:
+        batch = sharding.shard_batch(batch, mesh)
+        params = sharding.replicate(params, mesh)
+    n_params = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
+    base = {"mlp": name, "N": n, "P": n_params, "placement": where}
+
+    grad = jax.jit(lambda p, b: pb.loss_and_grad(residual_fn, p, b)[:2])
+    ntk = jax.jit(lambda p, b: pb.curvature.residual_ntk(residual_fn, p, b))
+    plain = jax.jit(lambda p, b: plain_dual_step(apply, p, b, DAMPING))
+    methods = [("batch gradient", lambda: grad(params, batch), ref[0])]
+    if mesh is None:
+        methods.append(("residual NTK", lambda: ntk(params, batch), None))
+    lm, why = paribus_lm(residual_fn)
+    if lm is not None:
+        opt, step = lm
+        state = opt.init(params)
+        methods.append(("LM step (paribus, dual)", lambda: step(params, state, batch), ref[1]))
+    methods.append(("LM step (plain JAX, dual)", lambda: plain(params, batch), ref[1]))
+
+    rows, grad_s = [], None
+    for method, thunk, ref_ms in methods:
+        t = _common.time_fn(thunk, repeats=repeats, min_time=0.2)
+        grad_s = t["run_s"] if grad_s is None else grad_s
+        ratio = t["run_s"] / grad_s
+        rows.append(
+            base
+            | {
+                "method": method,
+                "run": _common.fmt_ms(t["run_s"]),
+                "compile": _common.fmt_ms(t["compile_s"]),
+                "x batch grad": f"{ratio:.2f}",
+                "H200 ref (DESIGN.md)": f"{ref_ms} ms" if ref_ms and mesh is None else "",
+                "run_ms": t["run_s"] * 1e3,
+            }
+        )
+    if lm is None:
+        rows.append(base | {"method": "LM step (paribus, dual)", "run": f"skipped: {why}"})
+    return rows
+
+
+def check_twins(dtype) -> str:
+    """The paribus dual step equals the plain-JAX prototype on a small case (a benchmark of the
+    wrong numbers is worth nothing)."""
+    apply, params, batch = problem([3, 32, 32, 1], 64, dtype)
+    step_plain, _ = jax.jit(lambda p, b: plain_dual_step(apply, p, b, DAMPING))(params, batch)
+    lm, why = paribus_lm(pb.regression_residuals(apply))
+    if lm is None:
+        return f"paribus dual step not checked: {why}"
+    opt, step = lm
+    updates, _ = step(params, opt.init(params), batch)
+    err = max(
+        float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(v)) + 1e-30))
+        for u, v in zip(jax.tree.leaves(updates), jax.tree.leaves(step_plain), strict=True)
+    )
+    return f"paribus dual update vs plain-JAX prototype (3-32-32-1, N=64): max rel. diff {err:.1e}"
+
+
+def main() -> None:
+    p = _common.parser("scale", __doc__.splitlines()[0])
+    p.add_argument(
+        "--case",
+        action="append",
+        default=None,
+        help="extra MLP case WIDTHS:N, e.g. 8-256-256-1:256 (repeatable; replaces the defaults)",
+    )
+    args = p.parse_args()
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+    dtype = jnp.float64 if args.x64 else jnp.float32
+    repeats = args.repeats or (5 if args.quick else 20)
+    names = QUICK if args.quick else tuple(CASES)
+    for spec in args.case or ():
+        widths, n = spec.split(":")
+        CASES[widths] = ([int(w) for w in widths.split("-")], int(n), (None, None))
+    names = tuple(spec.split(":")[0] for spec in args.case) if args.case else names
+    rows = []
+    for name in names:
+        sizes, n, ref = CASES[name]
+        print(f"scale: {name}, N={n}", flush=True)
+        rows += time_case(name, sizes, n, ref, dtype=dtype, repeats=repeats)
+        if jax.device_count() > 1:
+            mesh = sharding.data_mesh()
+            if n % mesh.size == 0:
+                rows += time_case(name, sizes, n, ref, dtype=dtype, repeats=repeats, mesh=mesh)
+    note = check_twins(dtype)
+    goal = [
+        r
+        for r in rows
+        if r["mlp"] == "32-2048-2048-1" and r["method"].startswith("LM") and "run_ms" in r
+    ]
+    verdicts = "; ".join(
+        f"{r['method']} on {r['placement']}: {r['x batch grad']}x batch gradient "
+        f"({'meets' if float(r['x batch grad']) <= 3 else 'misses'} the <= 3x goal)"
+        for r in goal
+    )
+    notes = (
+        f"{dtype.__name__ if hasattr(dtype, '__name__') else dtype}; lambda = {DAMPING}; "
+        f"median of >= {repeats} runs; compile time apart. Goal: dual LM step on "
+        f"32-2048-2048-1, N = 1024, <= 3x a batch gradient. {verdicts}. Check: {note}."
+    )
+    for r in rows:
+        r.pop("run_ms", None)
+    md = _common.write_results(args.out, rows, title="Dual LM step at scale", notes=notes)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
