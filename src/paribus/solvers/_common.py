@@ -1,0 +1,83 @@
+"""What Gauss-Newton and Levenberg-Marquardt share: construction checks and the step diagnostics.
+
+Both states carry the same diagnostic fields, so ``pb.fit`` reads one protocol:
+``loss`` and ``grad_norm`` at the parameters the step was computed from, and the trial's
+``trial_damping``, ``gain_ratio``, ``accepted``, ``step_norm`` and ``solve_form`` (an index into
+``FORMS``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from paribus import _tree
+from paribus.solvers import _linear, _model
+
+PyTree = Any
+DEFAULT_MEMORY_BUDGET = 1 << 29
+"""Bytes that "auto" lets a dense solve use (J and J^T J, or J J^T) before it picks cg."""
+
+DIAGNOSTICS = ("loss", "grad_norm", "trial_damping", "gain_ratio", "accepted", "step_norm")
+
+
+def require_extras(residual_fn, *, where: str) -> None:
+    if residual_fn is None or not callable(residual_fn):
+        raise TypeError(
+            f"{where}.update needs the keyword extras residual_fn=... and batch=...: "
+            "opt.update(grads, state, params, residual_fn=residual_fn, batch=batch). "
+            f"Got residual_fn={residual_fn!r}."
+        )
+
+
+def check_loss(loss: Any, *, where: str) -> None:
+    if loss is not None and not all(hasattr(loss, a) for a in ("name", "value", "whiten")):
+        raise TypeError(
+            f"{where}: loss must be None (1/2 ||r||^2) or an OutputLoss with name, value and "
+            f"whiten, e.g. pb.losses.softmax_cross_entropy(); got {loss!r}."
+        )
+
+
+def check_cg(cg_max_steps: int, cg_tol: float, *, where: str) -> _linear.CGOptions:
+    if int(cg_max_steps) < 1 or not float(cg_tol) >= 0:
+        raise ValueError(
+            f"{where}: need cg_max_steps >= 1 and cg_tol >= 0; got {cg_max_steps}, {cg_tol}."
+        )
+    return _linear.CGOptions(int(cg_max_steps), float(cg_tol))
+
+
+def check_params(params: PyTree, *, where: str) -> None:
+    _tree.check_float_params(params, where=where)
+
+
+def setup(residual_fn, params, batch, loss, solve, budget, *, where: str):
+    """(model, form, flat, unravel): the model at params and the solve form for its sizes."""
+    require_extras(residual_fn, where=where)
+    check_params(params, where=where)
+    model = _model.build(residual_fn, params, batch, loss, where=where)
+    flat, unravel = ravel_pytree(params)
+    itemsize = np.dtype(flat.dtype).itemsize
+    form = _linear.choose(solve, model.r.shape[0], flat.size, itemsize, budget)
+    return model, form, flat, unravel
+
+
+def finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
+
+
+def trial_structure_check(residual_fn, params, trial, batch, *, where: str) -> None:
+    """Trace-time: the residuals at the trial point must have the structure they had at params."""
+    before = jax.eval_shape(residual_fn, params, batch)
+    after = jax.eval_shape(residual_fn, trial, batch)
+    if jax.tree.structure(before) != jax.tree.structure(after) or jax.tree.leaves(
+        before
+    ) != jax.tree.leaves(after):
+        raise ValueError(
+            f"{where}: residual_fn changed its output structure between two parameter values: "
+            f"{before} at params, {after} at the trial point. It must return the same pytree "
+            "of arrays for every parameter value."
+        )

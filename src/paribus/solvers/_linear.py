@@ -1,0 +1,155 @@
+"""The four solve forms of the damped Gauss-Newton system, and the choice between them.
+
+Every form returns the step delta (P,) solving
+
+    (J^T J + lam D) delta = -J^T r                      (D = diag(d), or I when d is None)
+
+together with J delta (R,) (for the predicted decrease) and the gradient g = J^T r (P,), each
+computed the cheapest way the form allows. With ``min_norm=True`` (Gauss-Newton, lam = 0) every
+form returns the minimum-norm least-squares step -J^+ r, never NaN, also when J is
+rank-deficient or R < P: an eigenvalue cutoff of eps * n * max eigenvalue (dtype-aware) in the
+Cholesky forms, an SVD least-squares solve in "qr", and CG started from zero (its iterates stay
+in the row space of J). A failed factorisation gives a non-finite step: the caller rejects it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jax.scipy as jsp
+
+from paribus.solvers._model import Model
+
+FORMS = ("primal", "qr", "dual", "cg")
+"""Solve-form names; the code stored in states and histories is the index here (-1: none)."""
+SOLVES = ("auto", *FORMS)
+CODES = {name: code for code, name in enumerate(FORMS)}
+
+
+class CGOptions(NamedTuple):
+    """Matrix-free solve: iteration cap, relative residual tolerance, Jacobi preconditioning."""
+
+    max_steps: int = 50
+    tol: float = 1e-10
+    jacobi: bool = True
+
+
+def check_solve(solve: str, *, where: str) -> str:
+    if solve not in SOLVES:
+        raise ValueError(f"{where}: unknown solve={solve!r}; expected one of {list(SOLVES)}.")
+    return solve
+
+
+def choose(solve: str, n_res: int, n_params: int, itemsize: int, budget: int) -> str:
+    """The form "auto" resolves to: dual when R < P, primal when P is small, else cg.
+
+    Memory: primal holds J and J^T J, (R P + P^2) numbers; dual holds J J^T, R^2 numbers
+    (the structured NTK never forms J). cg holds a few vectors.
+    """
+    if solve != "auto":
+        return solve
+    if n_res < n_params:
+        return "dual" if n_res * n_res * itemsize <= budget else "cg"
+    fits = (n_res * n_params + n_params * n_params) * itemsize <= budget
+    return "primal" if fits else "cg"
+
+
+def _chol_solve(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a^{-1} b for symmetric positive definite a; NaN when a is not (caller rejects)."""
+    return jsp.linalg.cho_solve((jnp.linalg.cholesky(a), True), b)
+
+
+def _pinv_solve(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a^+ b for symmetric positive semidefinite a, eigenvalues below the cutoff dropped."""
+    s, u = jnp.linalg.eigh(a)
+    cut = jnp.finfo(a.dtype).eps * a.shape[0] * jnp.max(jnp.abs(s))
+    keep = s > cut
+    inv = jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)
+    return u @ (inv * (u.T @ b))
+
+
+def _eye_like(n: int, like: jax.Array) -> jax.Array:
+    return jnp.eye(n, dtype=like.dtype)
+
+
+def primal(model: Model, lam, d, min_norm: bool):
+    """Normal equations (J^T J + lam D) delta = -g by Cholesky: N m P^2 + P^3 / 3 flops."""
+    jac = model.jacobian()
+    g = jac.T @ model.r
+    jtj = jac.T @ jac
+    if min_norm:
+        delta = -_pinv_solve(jtj, g)
+    else:
+        damp = lam * (_eye_like(jtj.shape[0], jtj) if d is None else jnp.diag(d))
+        delta = -_chol_solve(jtj + damp, g)
+    return delta, jac @ delta, g
+
+
+def qr(model: Model, lam, d, min_norm: bool):
+    """QR of the stacked [J; sqrt(lam D)]: never squares the condition number of J."""
+    jac = model.jacobian()
+    g = jac.T @ model.r
+    if min_norm:
+        delta = jnp.linalg.lstsq(jac, -model.r)[0]
+        return delta, jac @ delta, g
+    n = jac.shape[1]
+    root = jnp.sqrt(lam * (jnp.ones(n, jac.dtype) if d is None else d))
+    q, upper = jnp.linalg.qr(jnp.concatenate([jac, jnp.diag(root)], axis=0))
+    delta = jsp.linalg.solve_triangular(upper, -(q[: jac.shape[0]].T @ model.r))
+    return delta, jac @ delta, g
+
+
+def dual(model: Model, lam, d, min_norm: bool):
+    """delta = -D^-1 J^T (J D^-1 J^T + lam I)^-1 r: one R x R Cholesky, one J^T product.
+
+    The push-through identity makes it equal to the primal step; with D = I it needs only the
+    NTK J J^T (structured for ``pb.nets`` networks, never forming J) and a VJP.
+    """
+    r = model.r
+    if d is None:
+        kernel = model.ntk()
+    else:
+        jac = model.jacobian()
+        kernel = (jac / d) @ jac.T
+    eye = _eye_like(r.shape[0], kernel)
+    alpha = _pinv_solve(kernel, r) if min_norm else _chol_solve(kernel + lam * eye, r)
+    if d is None:
+        # One batched pullback gives both J^T r and J^T alpha.
+        g, back = jax.vmap(model.vjp)(jnp.stack([r, alpha]))
+        delta = -back
+    else:
+        g, delta = jac.T @ r, -(jac.T @ alpha) / d
+    return delta, -(kernel @ alpha), g
+
+
+def cg(model: Model, lam, d, min_norm: bool, options: CGOptions):
+    """Conjugate gradients on (J^T J + lam D) delta = -g with J^T J v = vjp(jvp(v)).
+
+    Capped at ``options.max_steps`` products, stopped at relative residual ``options.tol``;
+    the Jacobi preconditioner is diag(J^T J) + lam D.
+    """
+    g = model.vjp(model.r)
+    damp = jnp.zeros((), g.dtype) if min_norm else lam
+    scale = jnp.ones_like(g) if d is None else d
+
+    def matvec(v):
+        return model.vjp(model.jvp(v)) + damp * scale * v
+
+    precond = None
+    if options.jacobi and not min_norm:
+        diag = model.jtj_diag() + damp * scale
+        diag = jnp.where(diag > 0, diag, 1)
+        precond = lambda v: v / diag  # noqa: E731
+    delta, _ = jsp.sparse.linalg.cg(
+        matvec, -g, tol=options.tol, maxiter=options.max_steps, M=precond
+    )
+    return delta, model.jvp(delta), g
+
+
+def solve(form: str, model: Model, lam, d, *, min_norm: bool, cg_options: CGOptions):
+    """Dispatch on the (static) form name; returns (delta, J delta, g)."""
+    if form == "cg":
+        return cg(model, lam, d, min_norm, cg_options)
+    return {"primal": primal, "qr": qr, "dual": dual}[form](model, lam, d, min_norm)

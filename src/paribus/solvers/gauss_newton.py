@@ -1,0 +1,108 @@
+"""Gauss-Newton as an optax ``GradientTransformationExtraArgs``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from paribus.solvers import _common, _linear
+
+PyTree = Any
+
+
+class GaussNewtonState(NamedTuple):
+    """Arrays only. Describes the last step, taken from parameters whose loss and gradient norm
+    were ``loss`` and ``grad_norm``: ``accepted`` is False only when the step came out
+    non-finite (it is then zero), ``step_norm`` = ||delta||, ``solve_form`` indexes
+    ``pb.solvers.FORMS``; ``trial_damping`` is 0 and ``gain_ratio`` NaN (no trial is
+    evaluated)."""
+
+    count: jax.Array
+    loss: jax.Array
+    grad_norm: jax.Array
+    trial_damping: jax.Array
+    gain_ratio: jax.Array
+    accepted: jax.Array
+    step_norm: jax.Array
+    solve_form: jax.Array
+
+
+def gauss_newton(
+    *,
+    solve: str = "auto",
+    loss: Any = None,
+    memory_budget: int = _common.DEFAULT_MEMORY_BUDGET,
+    cg_max_steps: int = 50,
+    cg_tol: float = 1e-10,
+) -> optax.GradientTransformationExtraArgs:
+    """Gauss-Newton: the minimum-norm minimiser of the linearised residuals, every step.
+
+        delta = -J^+ r = -(J^T J)^+ J^T r,       r (R,) residuals, J = dr/dtheta (R, P),
+
+    the minimum-norm solution when J is rank-deficient or R < P (dual form: -J^T (J J^T)^+ r).
+    Never NaN: pseudo-inverses use a dtype-aware eigenvalue cutoff (eps * n * largest), "qr"
+    an SVD least-squares solve, "cg" conjugate gradients from zero. No step-size control: for
+    that, use :func:`pb.levenberg_marquardt`.
+
+    Args:
+      solve: "primal", "qr", "dual", "cg" or "auto" (as in :func:`pb.levenberg_marquardt`).
+      loss: None (1/2 ||r||^2) or an ``OutputLoss`` (generalised Gauss-Newton).
+      memory_budget: bytes a dense form may use before "auto" picks cg.
+      cg_max_steps, cg_tol: iteration cap and relative residual tolerance of "cg".
+
+    Returns:
+      ``optax.GradientTransformationExtraArgs`` with
+      ``update(updates, state, params, *, residual_fn, batch) -> (step, GaussNewtonState)``.
+
+    Example:
+      >>> import jax.numpy as jnp, paribus as pb
+      >>> opt = pb.gauss_newton()
+      >>> residual_fn = lambda p, b: b[0] @ p - b[1]      # linear least squares
+      >>> a, y = jnp.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]), jnp.array([1.0, 2.0, 2.0])
+      >>> p = jnp.zeros(2)
+      >>> step, _ = opt.update(None, opt.init(p), p, residual_fn=residual_fn, batch=(a, y))
+      >>> [round(float(v), 6) for v in p + step]
+      [1.0, 1.0]
+    """
+    where = "pb.gauss_newton"
+    _linear.check_solve(solve, where=where)
+    _common.check_loss(loss, where=where)
+    cg_options = _common.check_cg(cg_max_steps, cg_tol, where=where)
+    cg_options = cg_options._replace(jacobi=False)  # a preconditioner would lose min-norm
+
+    def init_fn(params: PyTree) -> GaussNewtonState:
+        _common.check_params(params, where=where)
+        dt = ravel_pytree(params)[0].dtype
+        nan = jnp.asarray(jnp.nan, dt)
+        zero = jnp.zeros((), dt)
+        return GaussNewtonState(
+            jnp.zeros((), jnp.int32), nan, nan, zero, nan, jnp.zeros((), bool), nan,
+            jnp.asarray(-1, jnp.int32),
+        )  # fmt: skip
+
+    def update_fn(updates, state, params=None, *, residual_fn=None, batch=None, **extra):
+        del updates, extra
+        model, form, flat, unravel = _common.setup(
+            residual_fn, params, batch, loss, solve, memory_budget, where=where
+        )
+        zero = jnp.zeros((), flat.dtype)
+        delta, _, g = _linear.solve(form, model, zero, None, min_norm=True, cg_options=cg_options)
+        ok = _common.finite(delta)
+        delta = jnp.where(ok, delta, 0)
+        new_state = GaussNewtonState(
+            count=state.count + 1,
+            loss=model.value.astype(flat.dtype),
+            grad_norm=jnp.linalg.norm(g).astype(flat.dtype),
+            trial_damping=zero,
+            gain_ratio=state.gain_ratio,
+            accepted=ok,
+            step_norm=jnp.linalg.norm(delta).astype(flat.dtype),
+            solve_form=jnp.asarray(_linear.CODES[form], jnp.int32),
+        )
+        return unravel(delta), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,215 @@
+"""Levenberg-Marquardt as an optax ``GradientTransformationExtraArgs``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from paribus.solvers import _common, _damping, _linear, _model
+
+PyTree = Any
+SCALINGS = ("identity", "marquardt")
+
+
+class LevenbergMarquardtState(NamedTuple):
+    """Arrays only, so the state jits, vmaps and serialises.
+
+    ``damping``, ``nu`` and ``radius`` drive the next trial; ``scale`` is the running max of
+    diag(J^T J) (Marquardt scaling; ones otherwise). The rest describes the last trial, taken
+    from parameters whose loss and gradient norm were ``loss`` and ``grad_norm``:
+    ``trial_damping`` (its lam), ``gain_ratio`` (-inf when the trial was not finite),
+    ``accepted``, ``step_norm`` (||delta|| of the trial) and ``solve_form`` (index into
+    ``pb.solvers.FORMS``).
+    """
+
+    count: jax.Array
+    damping: jax.Array
+    nu: jax.Array
+    radius: jax.Array
+    scale: jax.Array
+    loss: jax.Array
+    grad_norm: jax.Array
+    trial_damping: jax.Array
+    gain_ratio: jax.Array
+    accepted: jax.Array
+    step_norm: jax.Array
+    solve_form: jax.Array
+
+
+def gain_ratio(value, trial_value, jd, r, ok) -> jax.Array:
+    """rho = (L - L_trial) / (m(0) - m(delta)), -inf for a non-finite trial or no predicted gain.
+
+    The predicted decrease 1/2 ||r||^2 - 1/2 ||r + J delta||^2 = -(J delta).(r + J delta / 2) is
+    computed in that factored form: no cancellation between two nearly equal norms, and exact
+    for an inexact (cg) solve too.
+    """
+    predicted = -jnp.vdot(jd, r + 0.5 * jd)
+    actual = value - trial_value
+    good = ok & jnp.isfinite(trial_value) & (predicted > 0)
+    return jnp.where(good, actual / jnp.where(good, predicted, 1), -jnp.inf)
+
+
+def _scaling(state, model, scaling: str, floor: float):
+    """(d or None, new running scale). MINPACK: D_k = max(D_{k-1}, diag(J^T J)), floored."""
+    if scaling == "identity":
+        return None, state.scale
+    running = jnp.maximum(state.scale, model.jtj_diag())
+    top = jnp.max(running)
+    d = jnp.where(top > 0, jnp.maximum(running, floor * top), 1)
+    return d, running
+
+
+def _first_damping(state, model, d, rule_tau):
+    """tau * max diag(J^T J) / D at the first step (Nielsen's relative lam0)."""
+    if d is not None:
+        return jnp.asarray(rule_tau * jnp.max(model.jtj_diag() / d), state.damping.dtype)
+
+    def relative():
+        return jnp.asarray(rule_tau * jnp.max(model.jtj_diag()), state.damping.dtype)
+
+    lam = jax.lax.cond(state.count == 0, relative, lambda: state.damping)
+    # Values traced inside the cond branch must not leak out of it through the memos.
+    for memo in (model.jacobian, model.ntk, model.jtj_diag):
+        memo.cache_clear()
+    return lam
+
+
+def _check_config(solve, damping, scaling, damping_bounds, *, where):
+    _linear.check_solve(solve, where=where)
+    rule = _damping.get_rule(damping, where=where)
+    if scaling not in SCALINGS:
+        raise ValueError(f"{where}: unknown scaling={scaling!r}; expected one of {SCALINGS}.")
+    lo, hi = (float(b) for b in damping_bounds)
+    if not 0 < lo < hi:
+        raise ValueError(f"{where}: damping_bounds must satisfy 0 < low < high; got {lo}, {hi}.")
+    return rule, lo, hi
+
+
+def levenberg_marquardt(
+    *,
+    solve: str = "auto",
+    damping: str = "nielsen",
+    scaling: str = "identity",
+    init_damping: float | None = None,
+    init_damping_relative: bool | None = None,
+    damping_bounds: tuple[float, float] = (1e-20, 1e16),
+    scaling_floor: float = 1e-12,
+    loss: Any = None,
+    memory_budget: int = _common.DEFAULT_MEMORY_BUDGET,
+    cg_max_steps: int = 50,
+    cg_tol: float = 1e-10,
+) -> optax.GradientTransformationExtraArgs:
+    """Levenberg-Marquardt: one damped Gauss-Newton trial per ``update``, kept if it pays.
+
+    With r (R,) the residuals of ``residual_fn(params, batch)`` (ravelled), J = dr/dtheta
+    (R, P) and g = J^T r, each update solves
+
+        (J^T J + lam D) delta = -g,        D = I ("identity") or diag(J^T J) ("marquardt"),
+
+    evaluates the loss at theta + delta on the same batch, and computes the gain ratio
+    rho = (L(theta) - L(theta + delta)) / (1/2 ||r||^2 - 1/2 ||r + J delta||^2). The step is
+    returned when rho exceeds the rule's threshold, else zeros (a rejection; also when the
+    trial is NaN/inf or the factorisation fails). lam then follows the damping rule.
+
+    Args:
+      solve: "primal" (Cholesky of J^T J + lam D), "qr" (QR of [J; sqrt(lam D)], for
+        ill-conditioned float64 problems), "dual" (Cholesky of J D^-1 J^T + lam I, then one
+        J^T product; R x R, for R < P), "cg" (matrix-free, Jacobi-preconditioned), or "auto":
+        dual when R < P, primal when P is small, cg when the dense form exceeds
+        ``memory_budget`` bytes. Chosen at trace time; its code is ``state.solve_form``.
+      damping: "nielsen", "marquardt" or "trust_region" (see ``paribus.solvers._damping``).
+      scaling: "identity" (D = I) or "marquardt" (D = running max of diag(J^T J), MINPACK,
+        floored at ``scaling_floor`` times its largest entry).
+      init_damping: lam0, absolute or (``init_damping_relative``) times max diag(J^T J) / D at
+        the first step. Default: the rule's (nielsen, trust_region: 1e-3 relative; marquardt:
+        1e-3 absolute).
+      damping_bounds: lam is clipped to [low, high].
+      loss: None for 1/2 ||r||^2, or an ``OutputLoss``: then residual_fn returns
+        (outputs (N, m), targets) and the step is generalised Gauss-Newton (see
+        ``paribus.solvers._model``).
+      cg_max_steps, cg_tol: iteration cap and relative residual tolerance of "cg".
+
+    Returns:
+      ``optax.GradientTransformationExtraArgs``;
+      ``update(updates, state, params, *, residual_fn, batch)`` ignores ``updates`` (it forms
+      J^T r itself) and returns (step pytree, :class:`LevenbergMarquardtState`).
+
+    Example:
+      >>> import jax.numpy as jnp, paribus as pb
+      >>> opt = pb.levenberg_marquardt()
+      >>> residual_fn = lambda p, b: jnp.sqrt(p) - 1.0
+      >>> params = jnp.array([100.0])
+      >>> state = opt.init(params)
+      >>> step, state = opt.update(None, state, params, residual_fn=residual_fn, batch=None)
+      >>> bool(state.accepted), step.shape
+      (True, (1,))
+    """
+    where = "pb.levenberg_marquardt"
+    rule, lo, hi = _check_config(solve, damping, scaling, damping_bounds, where=where)
+    _common.check_loss(loss, where=where)
+    cg_options = _common.check_cg(cg_max_steps, cg_tol, where=where)
+    lam0 = rule.init_damping if init_damping is None else float(init_damping)
+    relative = rule.relative if init_damping_relative is None else bool(init_damping_relative)
+    if not lam0 > 0:
+        raise ValueError(f"{where}: init_damping must be > 0; got {init_damping}.")
+
+    def init_fn(params: PyTree) -> LevenbergMarquardtState:
+        _common.check_params(params, where=where)
+        flat, _ = ravel_pytree(params)
+        dt = flat.dtype
+        radius = 100 * jnp.linalg.norm(flat)
+        nan = jnp.asarray(jnp.nan, dt)
+        return LevenbergMarquardtState(
+            count=jnp.zeros((), jnp.int32),
+            damping=jnp.asarray(lam0, dt),
+            nu=jnp.asarray(2, dt),
+            radius=jnp.where(radius > 0, radius, 100).astype(dt),
+            scale=jnp.zeros_like(flat),
+            loss=nan,
+            grad_norm=nan,
+            trial_damping=nan,
+            gain_ratio=nan,
+            accepted=jnp.zeros((), bool),
+            step_norm=nan,
+            solve_form=jnp.asarray(-1, jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None, *, residual_fn=None, batch=None, **extra):
+        del updates, extra
+        model, form, flat, unravel = _common.setup(
+            residual_fn, params, batch, loss, solve, memory_budget, where=where
+        )
+        d, running = _scaling(state, model, scaling, scaling_floor)
+        lam = _first_damping(state, model, d, lam0) if relative else state.damping
+        lam = jnp.clip(lam, lo, hi)
+        delta, jd, g = _linear.solve(form, model, lam, d, min_norm=False, cg_options=cg_options)
+        ok = _common.finite(delta) & _common.finite(jd)
+        delta, jd = jnp.where(ok, delta, 0), jnp.where(ok, jd, 0)
+        trial = unravel(flat + delta)
+        _common.trial_structure_check(residual_fn, params, trial, batch, where=where)
+        trial_value = _model.objective(residual_fn, trial, batch, loss)
+        rho = gain_ratio(model.value, trial_value, jd, model.r, ok)
+        accepted = rho > rule.threshold
+        snorm = jnp.linalg.norm(delta if d is None else jnp.sqrt(d) * delta)
+        new_lam, nu, radius = rule.update(lam, state.nu, state.radius, rho, accepted, snorm)
+        new_state = LevenbergMarquardtState(
+            count=state.count + 1,
+            damping=jnp.clip(new_lam, lo, hi).astype(lam.dtype),
+            nu=nu,
+            radius=radius.astype(state.radius.dtype),
+            scale=running,
+            loss=model.value.astype(lam.dtype),
+            grad_norm=jnp.linalg.norm(g).astype(lam.dtype),
+            trial_damping=lam,
+            gain_ratio=rho.astype(lam.dtype),
+            accepted=accepted,
+            step_norm=jnp.linalg.norm(delta).astype(lam.dtype),
+            solve_form=jnp.asarray(_linear.CODES[form], jnp.int32),
+        )
+        return unravel(jnp.where(accepted, delta, 0)), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
