@@ -15,6 +15,7 @@ from paribus.derivatives import (
     partial,
     per_example_grads,
 )
+from paribus.fit import FitResult, History, fit
 from paribus.jacobian import Jacobian, jacobian
 from paribus.residuals import (
     PerExample,
@@ -24,6 +25,12 @@ from paribus.residuals import (
     regression_residuals,
     residual_jacobian,
 )
+from paribus.solvers import (
+    GaussNewtonState,
+    LevenbergMarquardtState,
+    gauss_newton,
+    levenberg_marquardt,
+)
 
 try:
     __version__ = version("paribus")
@@ -31,12 +38,19 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "FitResult",
+    "GaussNewtonState",
+    "History",
     "Jacobian",
     "JacobianCheck",
+    "LevenbergMarquardtState",
     "PerExample",
     "__version__",
     "check_jacobian",
+    "fit",
+    "gauss_newton",
     "jacobian",
+    "levenberg_marquardt",
     "loss",
     "loss_and_grad",
     "nets",
