@@ -31,8 +31,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from paribus.residuals import PerExample
+
 __all__ = [
     "OutputLoss",
+    "network_outputs",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",
     "squared",
@@ -208,3 +211,27 @@ def whiten_batch(
     values = jax.vmap(loss.value)(outputs, targets)
     rw, s = jax.vmap(loss.whiten)(outputs, targets)
     return values, rw, s
+
+
+def network_outputs(apply: Callable[[Any, jax.Array], jax.Array]) -> PerExample:
+    """``residual_fn(params, (xs, ts)) -> (outputs (N, m), targets ts)`` for a loss.
+
+    The residual function that ``loss=`` expects from a network: outputs
+    ``z_i = apply(params, x_i)`` and the targets passed through. Like
+    ``pb.regression_residuals``, it tells paribus that the outputs are a ``pb.nets`` network's,
+    which unlocks the structured NTK, diagonals and per-example norms.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, paribus as pb
+      >>> init, apply = pb.nets.mlp([2, 4, 3])
+      >>> residual_fn = pb.losses.network_outputs(apply)
+      >>> z, t = residual_fn(init(jax.random.key(0)), (jnp.ones((5, 2)), jnp.zeros(5, int)))
+      >>> z.shape, t.shape
+      ((5, 3), (5,))
+    """
+
+    def example_fn(params: Any, example: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+        x, t = example
+        return apply(params, x), t
+
+    return PerExample(example_fn, apply=apply)
