@@ -1,0 +1,415 @@
+"""Width sweep: where primal Levenberg-Marquardt's P^3 loses and the dual form keeps winning.
+
+Question
+    As a network widens from a handful of hidden units to thousands, how do the per-step time and
+    the time to a target loss of primal LM (Cholesky of the P x P matrix J^T J + lam I), dual LM
+    (Cholesky of the N x N NTK J J^T + lam I), matrix-free CG Gauss-Newton (LM-damped conjugate
+    gradients on J^T J + lam I with J v and J^T u products) and Adam change with the number of
+    parameters P?
+
+Setup
+    One dataset: N = 256 points of y = 1/2 sin(3 pi x) on a grid of x in [-1, 1]; a 1-H-1 tanh
+    MLP (P = 3H + 1) for H from 5 to 4,000 (P from 16 to 12,001); float32; the same data,
+    initialisation (LeCun normal, zero biases; one per seed) and ``pb.regression_residuals``
+    residual function for every method; every method trained by ``pb.fit``. Target: mean squared
+    error 1e-4 (loss 1/2 ||r||^2 <= 0.0128). LM methods get at most 300 trials (Nielsen damping),
+    Adam 4,000 steps at the best of a small learning-rate grid (per width, best by median time).
+    Compile time is excluded (each configuration is compiled once with ``jit(...).lower().
+    compile()``, then run once per seed). Primal LM is run to the target only up to P = 1,600;
+    above that its per-step time is measured on a few steps, and above P = 6,500 it is skipped
+    (one Cholesky costs P^3 / 3 flops, and it would not finish in a few minutes on 2 cores).
+
+Finding
+    See the FINDING block of the report the run writes (results/width_sweep/report.md); every
+    number there is computed by that run. In short: below P ~ N the primal step is cheapest;
+    its per-step time grows like P^2..P^3 and passes the dual step's near P ~ N, after which the
+    dual step (whose cost grows only linearly in P at fixed N) and CG keep their advantage to the
+    largest width, while Adam, cheap per step, needs hundreds to thousands of steps and loses on
+    time to target at every width it reaches the target at all.
+
+Run
+    python experiments/width_sweep.py [--quick] [--seeds S] [--out DIR] [--no-progress]
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import paribus as pb  # noqa: E402
+
+# pb.fit documents that under jit its stop_reason is an index into paribus.fit.STOP_REASONS.
+STOP_REASONS = importlib.import_module("paribus.fit").STOP_REASONS
+NAME = "width_sweep"
+METHODS = ("primal LM", "dual LM", "CG Gauss-Newton", "Adam")
+COLORS = {"primal LM": "C3", "dual LM": "C0", "CG Gauss-Newton": "C2", "Adam": "C1"}
+SOLVE = {"primal LM": "primal", "dual LM": "dual", "CG Gauss-Newton": "cg"}
+
+
+def make_data(n: int) -> tuple[jax.Array, jax.Array]:
+    xs = jnp.linspace(-1.0, 1.0, n)[:, None]
+    return xs, 0.5 * jnp.sin(3 * jnp.pi * xs)
+
+
+def _compiled(residual_fn, params, batch, make_opt, *, max_steps: int, target: float, lr=None):
+    """A compiled ``pb.fit`` (compile time returned apart) taking (params, lr)."""
+
+    def run(p, lr):
+        return pb.fit(residual_fn, p, make_opt(lr), batch, max_steps=max_steps, target_loss=target)
+
+    t0 = time.perf_counter()
+    exe = jax.jit(run).lower(params, jnp.asarray(0.0 if lr is None else lr)).compile()
+    return exe, time.perf_counter() - t0
+
+
+def _time_run(exe, params, lr) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    result = jax.block_until_ready(exe(params, jnp.asarray(lr)))
+    return result, time.perf_counter() - t0
+
+
+def run_width(width: int, cfg: dict, seeds: int) -> list[dict]:
+    """Every method at one width, one row per (method, seed[, learning rate])."""
+    batch = make_data(cfg["n"])
+    init, apply = pb.nets.mlp([1, width, 1], "tanh")
+    residual_fn = pb.regression_residuals(apply)
+    inits = [init(jax.random.key(s)) for s in range(seeds)]
+    p = 3 * width + 1
+    rows = []
+    for method in METHODS:
+        base = {"method": method, "H": width, "P": p, "N": cfg["n"]}
+        if method == "Adam":
+            exe, compile_s = _compiled(
+                residual_fn, inits[0], batch, optax.adam,
+                max_steps=cfg["adam_steps"], target=cfg["target"], lr=0.01,
+            )  # fmt: skip
+            lrs = cfg["adam_lrs"]
+        else:
+            if method == "primal LM" and p > cfg["primal_max_p"]:
+                flops = p**3 / 3
+                note = f"skipped: one Cholesky is P^3/3 = {flops:.1e} flops"
+                rows.append({**base, "seed": -1, "status": note})
+                continue
+            ttt = not (method == "primal LM" and p > cfg["primal_ttt_max_p"])
+            solve = SOLVE[method]
+            exe, compile_s = _compiled(
+                residual_fn, inits[0], batch,
+                lambda lr, solve=solve: pb.levenberg_marquardt(solve=solve),
+                max_steps=cfg["lm_steps"] if ttt else cfg["short_steps"],
+                target=cfg["target"] if ttt else -1.0,
+            )  # fmt: skip
+            lrs = [float("nan")]
+        for lr in lrs:
+            for seed, params in enumerate(inits):
+                if method == "primal LM" and not ttt and seed > 0:
+                    continue  # per-step time only: one seed is enough
+                result, run_s = _time_run(exe, params, 0.0 if math.isnan(lr) else lr)
+                steps = int(result.steps)
+                loss = np.asarray(result.history.loss)
+                final = float(loss[steps])
+                reached = bool(final <= cfg["target"])
+                is_ttt = method != "primal LM" or ttt
+                rows.append(
+                    {
+                        **base,
+                        "seed": seed,
+                        "lr": lr,
+                        "status": "ok" if is_ttt else "per-step only",
+                        "compile_s": compile_s,
+                        "run_s": run_s,
+                        "steps": steps,
+                        "step_s": run_s / max(steps, 1),
+                        "final_loss": final,
+                        "reached": reached and is_ttt,
+                        "time_to_target_s": run_s if reached and is_ttt else float("nan"),
+                        "stop_reason": STOP_REASONS[int(result.stop_reason)],
+                        "curve": loss[: steps + 1],
+                    }
+                )
+    return rows
+
+
+def best_adam(rows: list[dict]) -> list[dict]:
+    """Per width, keep the Adam rows of the learning rate with the best median time to target
+    (ties, including never reaching it, broken by the median final loss)."""
+    keep = [r for r in rows if r["method"] != "Adam"]
+    for width in sorted({r["H"] for r in rows}):
+        adam = [r for r in rows if r["method"] == "Adam" and r["H"] == width]
+        by_lr = {}
+        for r in adam:
+            by_lr.setdefault(r["lr"], []).append(r)
+
+        def score(group):
+            t = [r["time_to_target_s"] for r in group]
+            t = [x if not math.isnan(x) else math.inf for x in t]
+            return (float(np.median(t)), float(np.median([r["final_loss"] for r in group])))
+
+        if by_lr:
+            keep += by_lr[min(by_lr, key=lambda lr: score(by_lr[lr]))]
+    return keep
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One line per (method, width): medians over seeds."""
+    out = []
+    for method in METHODS:
+        for width in sorted({r["H"] for r in rows}):
+            group = [r for r in rows if r["method"] == method and r["H"] == width]
+            if not group:
+                continue
+            ok = [r for r in group if "step_s" in r]
+            if not ok:
+                out.append({"method": method, "H": width, "P": group[0]["P"],
+                            "status": group[0]["status"]})  # fmt: skip
+                continue
+            reached = [r for r in ok if r["reached"]]
+            ttt = [r["time_to_target_s"] for r in reached]
+            out.append(
+                {
+                    "method": method,
+                    "H": width,
+                    "P": ok[0]["P"],
+                    "status": ok[0]["status"],
+                    "lr": ok[0]["lr"] if method == "Adam" else "",
+                    "step_ms (median)": 1e3 * float(np.median([r["step_s"] for r in ok])),
+                    "reached": f"{len(reached)}/{len(ok)}" if ok[0]["status"] == "ok" else "",
+                    "steps to target (median)": (
+                        float(np.median([r["steps"] for r in reached])) if reached else ""
+                    ),
+                    "time to target s (median)": float(np.median(ttt)) if ttt else "",
+                    "final loss (median)": float(np.median([r["final_loss"] for r in ok])),
+                    "compile_s": ok[0]["compile_s"],
+                }
+            )
+    return out
+
+
+def crossover(summary: list[dict], a: str, b: str, key: str) -> tuple[float | None, str]:
+    """The P where method a's ``key`` first exceeds method b's (log-log interpolation)."""
+    ta = {r["P"]: r[key] for r in summary if r["method"] == a and isinstance(r.get(key), float)}
+    tb = {r["P"]: r[key] for r in summary if r["method"] == b and isinstance(r.get(key), float)}
+    ps = sorted(set(ta) & set(tb))
+    if len(ps) < 2:
+        return None, f"{a} vs {b} ({key}): fewer than two common widths"
+    lr = [math.log(ta[p] / tb[p]) for p in ps]
+    pairs = list(zip(ps, lr, strict=True))
+    for (p0, r0), (p1, r1) in zip(pairs, pairs[1:], strict=False):
+        if r0 < 0 <= r1:
+            pc = math.exp(math.log(p0) + r0 / (r0 - r1) * (math.log(p1) - math.log(p0)))
+            return pc, (
+                f"{a} is faster than {b} ({key}) up to P ~ {pc:,.0f}, slower above "
+                f"({a}/{b} = {math.exp(r0):.2g} at P={p0:,}, {math.exp(r1):.2g} at P={p1:,}; "
+                f"{math.exp(lr[-1]):.2g} at P={ps[-1]:,})"
+            )
+    side = "slower" if lr[0] >= 0 else "faster"
+    return None, (
+        f"{a} is {side} than {b} ({key}) at every common width P = {ps[0]:,}..{ps[-1]:,} "
+        f"(ratio {math.exp(min(lr)):.2g}..{math.exp(max(lr)):.2g})"
+    )
+
+
+def _slope(summary: list[dict], method: str, key: str, p_min: float) -> float | None:
+    pts = [
+        (r["P"], r[key])
+        for r in summary
+        if r["method"] == method and isinstance(r.get(key), float) and r["P"] >= p_min
+    ]
+    if len(pts) < 2:
+        return None
+    x, y = np.log([p for p, _ in pts]), np.log([t for _, t in pts])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def plot(summary: list[dict], rows: list[dict], cfg: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
+    ps = sorted({r["P"] for r in summary})
+    for method in METHODS:
+        s = [r for r in summary if r["method"] == method and "step_ms (median)" in r]
+        if s:
+            axes[0].plot([r["P"] for r in s], [r["step_ms (median)"] for r in s], "o-",
+                         color=COLORS[method], label=method)  # fmt: skip
+        for ax, key in ((axes[1], "time_to_target_s"), (axes[2], "steps")):
+            pts = [r for r in rows if r["method"] == method and r.get("reached")]
+            by_p = {}
+            for r in pts:
+                by_p.setdefault(r["P"], []).append(r[key])
+            if by_p:
+                xp = sorted(by_p)
+                med = [np.median(by_p[p]) for p in xp]
+                lo = [med[i] - min(by_p[p]) for i, p in enumerate(xp)]
+                hi = [max(by_p[p]) - med[i] for i, p in enumerate(xp)]
+                ax.errorbar(xp, med, yerr=[lo, hi], fmt="o-", color=COLORS[method],
+                            capsize=3, label=method)  # fmt: skip
+            missed = sorted({r["P"] for r in rows if r["method"] == method
+                             and r.get("status") == "ok" and not r.get("reached")})  # fmt: skip
+            if missed:
+                top = ax.get_ylim()[1] if ax.has_data() else 1.0
+                ax.plot(missed, [top] * len(missed), "x", color=COLORS[method], ms=10, mew=2)
+    # Reference slopes through the first dual and primal points.
+    for method, power, style in (("primal LM", 3, ":"), ("dual LM", 1, "--")):
+        s = [r for r in summary if r["method"] == method and "step_ms (median)" in r]
+        if len(s) >= 2:
+            p0, t0 = s[len(s) // 2]["P"], s[len(s) // 2]["step_ms (median)"]
+            xs = np.array([ps[0], ps[-1]], float)
+            axes[0].plot(xs, t0 * (xs / p0) ** power, style, color="gray", lw=1,
+                         label=f"slope P^{power}")  # fmt: skip
+    axes[0].axvline(cfg["n"], color="k", lw=0.8, ls="-.")
+    axes[0].text(cfg["n"] * 1.05, axes[0].get_ylim()[0] * 2, f"P = N = {cfg['n']}", fontsize=8)
+    titles = ("time per step (median over seeds)", "time to target (median, bars: min..max)",
+              "steps to target (LM: trials)")  # fmt: skip
+    ylabels = ("ms per step (compile excluded)", "seconds (compile excluded)", "steps")
+    for ax, title, ylabel in zip(axes, titles, ylabels, strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("P (parameters), 1-H-1 tanh MLP")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[1].text(0.02, 0.02, "x at top: target not reached by any seed", fontsize=8,
+                 transform=axes[1].transAxes)  # fmt: skip
+    fig.suptitle(
+        f"Width sweep: N = {cfg['n']} points, target MSE {cfg['target_mse']:g}, float32, "
+        f"{jax.devices()[0].platform}"
+    )
+    fig.tight_layout()
+    _common.save_figure(fig, path)
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """Loss against wall-clock for seed 0 at a few widths."""
+    import matplotlib.pyplot as plt
+
+    widths = sorted({r["H"] for r in rows})
+    show = sorted({widths[0], widths[len(widths) // 2], widths[-1]})
+    fig, axes = plt.subplots(1, len(show), figsize=(6 * len(show), 4.5), squeeze=False)
+    for ax, width in zip(axes[0], show, strict=True):
+        for method in METHODS:
+            r = [x for x in rows if x["method"] == method and x["H"] == width
+                 and x.get("seed") == 0 and "curve" in x]  # fmt: skip
+            if not r:
+                continue
+            curve = r[0]["curve"]
+            t = np.linspace(0, r[0]["run_s"], len(curve))
+            ax.plot(np.maximum(t, 1e-4), curve, color=COLORS[method], label=method)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("wall-clock s (steps spread evenly over the run)")
+        ax.set_ylabel("loss 1/2 ||r||^2")
+        ax.set_title(f"H = {width} (P = {3 * width + 1:,}), seed 0")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _common.save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _common.parser(NAME, __doc__, seeds=3).parse_args(argv)
+    _common.use_agg()
+    t_start = time.perf_counter()
+    if args.quick:
+        cfg = {"n": 64, "widths": (5, 50), "lm_steps": 60, "adam_steps": 300,
+               "adam_lrs": (1e-2,), "short_steps": 3, "primal_ttt_max_p": 1600,
+               "primal_max_p": 6500}  # fmt: skip
+    else:
+        cfg = {"n": 256, "widths": (5, 10, 30, 100, 300, 1000, 2000, 4000), "lm_steps": 300,
+               "adam_steps": 4000, "adam_lrs": (3e-3, 1e-2, 3e-2), "short_steps": 4,
+               "primal_ttt_max_p": 1600, "primal_max_p": 6500}  # fmt: skip
+    cfg["target_mse"] = 1e-4
+    cfg["target"] = 0.5 * cfg["n"] * cfg["target_mse"]
+
+    rows = []
+    for width in _common.progress(cfg["widths"], desc="widths", disable=args.no_progress):
+        rows += run_width(width, cfg, args.seeds)
+    all_rows = rows
+    rows = best_adam(rows)
+    summary = summarise(rows)
+
+    out: Path = args.out
+    plot(summary, rows, cfg, out / "width_sweep.png")
+    plot_curves(rows, out / "curves.png")
+    csv_rows = [{k: v for k, v in r.items() if k != "curve"} for r in all_rows]
+    _common.write_csv(out / f"{NAME}.csv", csv_rows)
+
+    key = "step_ms (median)"
+    cross_step = crossover(summary, "primal LM", "dual LM", key)[1]
+    cross_ttt = crossover(summary, "primal LM", "dual LM", "time to target s (median)")[1]
+    cross_cg = crossover(summary, "dual LM", "CG Gauss-Newton", key)[1]
+    cross_adam = crossover(summary, "dual LM", "Adam", "time to target s (median)")[1]
+    slope_primal = _slope(summary, "primal LM", key, cfg["n"])
+    slope_dual = _slope(summary, "dual LM", key, cfg["n"])
+    elapsed = time.perf_counter() - t_start
+
+    def fmt_slope(s):
+        return "n/a" if s is None else f"{s:.2f}"
+
+    big = max(r["P"] for r in summary)
+    at_big = {r["method"]: r for r in summary if r["P"] == big}
+    lines = [
+        f"per-step time: {cross_step}",
+        f"time to target: {cross_ttt}",
+        f"dual LM vs CG Gauss-Newton per step: {cross_cg}",
+        f"dual LM vs Adam, time to target: {cross_adam}",
+        f"fitted log-log slope of per-step time against P for P >= N: primal "
+        f"{fmt_slope(slope_primal)}, dual {fmt_slope(slope_dual)} (P^3 and P^1 predicted "
+        f"once the Cholesky, resp. the J-sized products, dominate)",
+    ]
+    for m in METHODS:
+        r = at_big.get(m, {})
+        if "step_ms (median)" in r:
+            ttt = r["time to target s (median)"]
+            lines.append(
+                f"at the largest width (P = {big:,}): {m} {r['step_ms (median)']:.3g} ms/step, "
+                f"reached {r['reached'] or 'n/a'}, time to target "
+                + (f"{ttt:.3g} s" if isinstance(ttt, float) else "n/a")
+            )
+        elif r:
+            lines.append(f"at the largest width (P = {big:,}): {m} {r['status']}")
+    finding = "".join(f"- {x}\n" for x in lines)
+    cols = ["method", "H", "P", "status", "lr", "step_ms (median)", "reached",
+            "steps to target (median)", "time to target s (median)", "final loss (median)",
+            "compile_s"]  # fmt: skip
+    report = f"""# Width sweep
+
+{__doc__.split("Finding")[0].strip()}
+
+## FINDING (computed by this run)
+
+{finding}
+Run time: {elapsed:.0f} s ({"--quick" if args.quick else "default settings"}, {args.seeds}
+seeds, device {jax.devices()[0].platform}, {len(cfg["widths"])} widths). Timings on a shared
+machine are noisy: compare ratios within this run.
+
+## Summary (medians over seeds; Adam at its best learning rate per width)
+
+{_common.markdown_table(summary, cols)}
+
+![width sweep](width_sweep.png)
+
+Loss against wall-clock, seed 0 (the steps of each run are spread evenly over its measured
+time):
+
+![curves](curves.png)
+
+The CSV `{NAME}.csv` holds every run (every seed and every Adam learning rate).
+"""
+    _common.write_text(out / "report.md", report)
+    print(f"{NAME}: wrote {out}/report.md in {elapsed:.0f} s")
+    print(finding)
+
+
+if __name__ == "__main__":
+    main()
