@@ -7,6 +7,8 @@ conftest.py gives the process 8 CPU devices. The batch is split over them
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,6 +174,44 @@ def test_ntk_and_jtj_diag_sharded(mesh, problem):
     jac = np.asarray(pb.residual_jacobian(residual_fn, params, batch))
     np.testing.assert_allclose(np.asarray(got[0]), jac @ jac.T, rtol=0, atol=1e-12 * N)
     assert _is_replicated(got[1])
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|all-to-all|collective-permute)\("
+)
+
+
+def _collective_sizes(hlo: str) -> list[tuple[str, int]]:
+    """(op, number of elements in its result) for each collective of a compiled HLO text."""
+    out = []
+    for line in hlo.splitlines():
+        match = _COLLECTIVE.search(line)
+        if match:
+            shapes = re.findall(r"[a-z]+\d*\[([\d,]*)\]", match.group(1))
+            size = sum(int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes)
+            out.append((match.group(2), size))
+    return out
+
+
+def test_sharded_ntk_gathers_factors_not_jacobian(mesh):
+    """XLA partitions the structured NTK by itself: each device computes its examples' layer
+    inputs and backprop signals, the factors (N * sum of widths numbers) are all-gathered, and
+    no collective moves anything of J's size (N * m * P numbers)."""
+    sizes, n = [4, 64, 64, 1], 64
+    params, apply = random_mlp(jax.random.key(2), sizes)
+    batch = (jax.random.normal(jax.random.key(3), (n, 4)), jnp.zeros((n, 1)))
+    residual_fn = pb.regression_residuals(apply)
+    n_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+    ntk = jax.jit(lambda p, b: curvature.residual_ntk(residual_fn, p, b))
+    placed = _placed(mesh, params, batch)
+    collectives = _collective_sizes(ntk.lower(*placed).compile().as_text())
+    gathered = sum(size for op, size in collectives if op == "all-gather")
+    factors = n * sum(sizes[:-1]) + n * sum(sizes[1:])  # A_l and D_l over the batch
+    assert 0 < gathered <= factors, collectives
+    assert max(size for _, size in collectives) < n * n_params / 10, collectives
+    np.testing.assert_allclose(
+        np.asarray(ntk(*placed)), np.asarray(ntk(params, batch)), rtol=0, atol=1e-12 * n
+    )
 
 
 def test_dual_solve_and_cg_sharded(mesh, problem):
