@@ -177,3 +177,23 @@ def test_lm_trains_a_classifier():
     accuracy = float(jnp.mean(jnp.argmax(logits, 1) == labels))
     assert accuracy >= 0.95, (accuracy, result.stop_reason)
     assert result.history.loss[-1] < 0.5 * result.history.loss[0]
+
+
+def test_memory_chunk_sizes():
+    from paribus import memory
+
+    assert memory.chunk_size(100, 10, fixed_bytes=50, budget=2000) is None
+    assert memory.chunk_size(100, 10, fixed_bytes=50, budget=550) == 50
+    assert memory.chunk_size(100, 10, fixed_bytes=50, budget=60) == 1
+    with pytest.raises(
+        memory.MemoryBudgetError, match="budget of 59 B: it needs 50 B .* at least 60 B"
+    ):
+        memory.chunk_size(100, 10, fixed_bytes=50, budget=59)
+    # J of 512 x 271,873 float32 is 557 MB: 600 MiB leaves room for 66 examples' rows.
+    assert memory.jacobian_chunk_size(512, 1, 271_873, "float32", budget=600 * 2**20) == 66
+    with pytest.raises(memory.MemoryBudgetError, match="at most 48 examples would fit"):
+        memory.jacobian_chunk_size(512, 1, 271_873, "float32", budget=100 * 2**20)
+    assert memory.default_budget() > 0
+    assert memory.default_budget(0.25) <= memory.default_budget(0.5)
+    with pytest.raises(ValueError, match="fraction"):
+        memory.default_budget(0.0)

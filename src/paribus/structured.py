@@ -198,8 +198,28 @@ def example_jacobian(apply: MLPApply, params: PyTree, x: jax.Array) -> jax.Array
 def jacobian_matrix(
     apply: MLPApply, params: PyTree, xs: jax.Array, *, chunk_size: int | None = None
 ) -> jax.Array:
-    """(N*m, P) Jacobian of ``apply`` over ``xs`` from the per-layer factors."""
-    from paribus.jacobian import map_examples
+    """(N*m, P) Jacobian of ``apply`` over ``xs`` from the per-layer factors.
 
-    rows = map_examples(lambda x: example_jacobian(apply, params, x), xs, chunk_size)
-    return rows.reshape(-1, rows.shape[-1])
+    Unchunked, the factors are computed for the whole batch and each block is written straight
+    into its columns of one (N m, P) buffer (``dynamic_update_slice``, which XLA does in place),
+    so J is written once; a ``jnp.concatenate`` of the blocks measured slower (one extra copy
+    when the blocks are not fused into it). Chunked, examples go ``chunk_size`` at a time.
+    """
+    if chunk_size is not None:
+        from paribus.jacobian import map_examples
+
+        rows = map_examples(lambda x: example_jacobian(apply, params, x), xs, chunk_size)
+        return rows.reshape(-1, rows.shape[-1])
+    f = batch_factors(apply, params, xs)
+    n, m = f.outputs.shape
+    size = sum(
+        a.shape[1] * d.shape[2] + d.shape[2] for a, d in zip(f.inputs, f.signals, strict=True)
+    )
+    out = jnp.zeros((n * m, size), f.outputs.dtype)
+    start = 0
+    for a, d in zip(f.inputs, f.signals, strict=True):
+        for block in (d, a[:, None, :, None] * d[:, :, None, :]):
+            block = block.reshape(n * m, -1)
+            out = jax.lax.dynamic_update_slice(out, block, (0, start))
+            start += block.shape[1]
+    return out
