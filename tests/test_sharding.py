@@ -7,7 +7,12 @@ conftest.py gives the process 8 CPU devices. The batch is split over them
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -294,3 +299,84 @@ def test_fit_loop_makes_no_host_transfer(mesh, problem):
     hlo = train.lower(p_s, b_s).compile().as_text()
     assert "while" in hlo
     assert "callback" not in hlo.lower() and "outfeed" not in hlo.lower()
+
+
+# --- several processes: jax.distributed over two CPU "hosts" -------------------------------
+
+_WORKER = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+import numpy as np
+import paribus as pb
+from paribus import sharding
+from jax.flatten_util import ravel_pytree
+data = np.load(sys.argv[3])
+init, apply = pb.nets.mlp([3, 8, 8, 1])
+mesh = sharding.data_mesh()  # 8 devices, 4 in each process
+half = slice(pid * 16, (pid + 1) * 16)  # this process's own examples
+batch = sharding.shard_batch((data["xs"][half], data["ys"][half]), mesh)
+params = sharding.replicate(init(jax.random.key(0)), mesh)
+result = pb.fit(pb.regression_residuals(apply), params, pb.levenberg_marquardt(solve="dual"),
+                batch, max_steps=4)
+print("RESULT", json.dumps({"devices": mesh.size, "global_n": batch[0].shape[0],
+      "loss": result.history.loss.tolist(),
+      "params": np.asarray(ravel_pytree(result.params)[0]).tolist()}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    """What a multi-host user runs: jax.distributed.initialize in every process, each process
+    shards its own examples; the result equals the single-device fit on all examples."""
+    if fit is None:
+        pytest.skip("pb.fit not there")
+    xs = np.asarray(jax.random.normal(jax.random.key(1), (32, 3)))
+    ys = np.sin(xs[:, :1])
+    np.savez(tmp_path / "data.npz", xs=xs, ys=ys)
+    (tmp_path / "worker.py").write_text(_WORKER)
+    port = str(_free_port())
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(tmp_path / "worker.py"),
+                str(pid),
+                port,
+                str(tmp_path / "data.npz"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for pid in range(2)
+    ]
+    outs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=240)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, out[-3000:]
+        outs.append(json.loads(out.split("RESULT", 1)[1]))
+    init, apply = pb.nets.mlp([3, 8, 8, 1])
+    single = fit(pb.regression_residuals(apply), init(jax.random.key(0)),
+                 levenberg_marquardt(solve="dual"), (xs, ys), max_steps=4)  # fmt: skip
+    flat = np.asarray(ravel_pytree(single.params)[0])
+    assert single.history.loss[-1] < 0.5 * single.history.loss[0]
+    for out in outs:
+        assert out["devices"] == 8 and out["global_n"] == 32
+        np.testing.assert_allclose(out["loss"], single.history.loss, rtol=1e-10)
+        np.testing.assert_allclose(out["params"], flat, rtol=0, atol=1e-10 * np.max(np.abs(flat)))
