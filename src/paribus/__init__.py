@@ -6,7 +6,7 @@ Jacobians, the NTK, and Gauss-Newton / Levenberg-Marquardt steps.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from paribus import nets
+from paribus import nets, sharding
 from paribus.curvature import ntk
 from paribus.derivatives import (
     JacobianCheck,
@@ -61,4 +61,5 @@ __all__ = [
     "per_example_grads",
     "regression_residuals",
     "residual_jacobian",
+    "sharding",
 ]
