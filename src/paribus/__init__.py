@@ -6,8 +6,16 @@ Jacobians, the NTK, and Gauss-Newton / Levenberg-Marquardt steps.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from paribus import nets, sharding
-from paribus.curvature import ntk
+from paribus import losses, memory, nets, sharding
+from paribus.curvature import (
+    ggn_operator,
+    ggn_vector_product,
+    jtj_diag,
+    ntk,
+    per_example_grad_norms,
+    residual_jtj_diag,
+    residual_ntk,
+)
 from paribus.derivatives import (
     JacobianCheck,
     check_jacobian,
@@ -49,17 +57,25 @@ __all__ = [
     "check_jacobian",
     "fit",
     "gauss_newton",
+    "ggn_operator",
+    "ggn_vector_product",
     "jacobian",
+    "jtj_diag",
     "levenberg_marquardt",
     "loss",
     "loss_and_grad",
+    "losses",
+    "memory",
     "nets",
     "ntk",
     "nudge",
     "partial",
     "per_example",
+    "per_example_grad_norms",
     "per_example_grads",
     "regression_residuals",
     "residual_jacobian",
+    "residual_jtj_diag",
+    "residual_ntk",
     "sharding",
 ]
