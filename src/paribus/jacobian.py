@@ -55,6 +55,9 @@ class Jacobian:
       matrix: ``(N*m, P)``; row ``i*m + j`` is example i, output j; columns in ravel order.
       labels: P strings naming each column's parameter, e.g. ``"layers[1].w[3,7]"``.
       tree: the same numbers shaped like ``params``, each leaf ``(N, *out_shape, *leaf.shape)``.
+      mode: the mode that computed ``matrix`` (what ``"auto"`` resolved to); static, so
+        ``jax.eval_shape(lambda p, x: pb.jacobian(fn, p, x), params, xs).mode`` tells the
+        choice without computing anything.
     """
 
     def __init__(self, matrix: jax.Array, spec: _Spec):
