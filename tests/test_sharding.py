@@ -26,13 +26,7 @@ import paribus as pb
 from paribus import curvature, sharding
 from tests.helpers import assert_compiles_once, random_mlp
 
-try:
-    from paribus.fit import fit
-    from paribus.solvers import levenberg_marquardt
-except ImportError:  # pragma: no cover - until issue 3 lands
-    fit = levenberg_marquardt = None
-
-needs_fit = pytest.mark.skipif(fit is None, reason="pb.fit / pb.levenberg_marquardt not there")
+fit, levenberg_marquardt = pb.fit, pb.levenberg_marquardt
 N_DEV = 8
 SIZES = [3, 8, 8, 2]  # P = 122 parameters
 N = 32  # R = N * m = 64 residuals < P: the dual form's regime
@@ -248,8 +242,6 @@ def test_dual_solve_and_cg_sharded(mesh, problem):
 
 
 def _optimisers():
-    if fit is None:
-        return []
     return [
         pytest.param(optax.sgd(1e-2), 1e-12, id="gd"),
         pytest.param(levenberg_marquardt(solve="dual"), 1e-9, id="lm-dual"),
@@ -259,7 +251,6 @@ def _optimisers():
     ]
 
 
-@needs_fit
 @pytest.mark.parametrize(("opt", "rtol"), _optimisers())
 def test_fit_sharded_equals_single_device(mesh, problem, opt, rtol):
     apply, params, batch = problem
@@ -277,7 +268,6 @@ def test_fit_sharded_equals_single_device(mesh, problem, opt, rtol):
     assert _is_replicated(sharded.params)
 
 
-@needs_fit
 def test_fit_loop_makes_no_host_transfer(mesh, problem):
     """The whole sharded fit, jitted with inputs already placed, runs under a transfer guard
     that forbids every host <-> device transfer; its compiled program has no host callback."""
@@ -339,8 +329,6 @@ def _free_port() -> int:
 def test_two_processes_equal_one(tmp_path):
     """What a multi-host user runs: jax.distributed.initialize in every process, each process
     shards its own examples; the result equals the single-device fit on all examples."""
-    if fit is None:
-        pytest.skip("pb.fit not there")
     xs = np.asarray(jax.random.normal(jax.random.key(1), (32, 3)))
     ys = np.sin(xs[:, :1])
     np.savez(tmp_path / "data.npz", xs=xs, ys=ys)
