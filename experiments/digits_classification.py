@@ -199,19 +199,22 @@ def run_one(method: Method, probed, residual_fn, loss, params0, data, seed, cfg,
     recorder.rows.clear()
     if method.minibatch:
         idx = minibatch_indices(seed, n, cfg.batch_size, method.epochs)
-        result = pb.fit(residual_fn, params0, probed, (x_tr, y_tr), max_steps=int(idx.shape[0]),
+        k_max = int(idx.shape[0])
+        # one step more than counted, so that the probe before it records the final point
+        result = pb.fit(residual_fn, params0, probed, (x_tr, y_tr), max_steps=k_max + 1,
                         loss=loss, batch_indices=idx)  # fmt: skip
         per_step_epochs = cfg.batch_size / n
     else:
-        result = pb.fit(residual_fn, params0, probed, (x_tr, y_tr), max_steps=method.epochs,
+        k_max = method.epochs
+        result = pb.fit(residual_fn, params0, probed, (x_tr, y_tr), max_steps=k_max + 1,
                         loss=loss)  # fmt: skip
         per_step_epochs = 1.0
-    rows = list(recorder.rows)
+    rows = [row for row in recorder.rows if row[1] <= k_max]
     t0 = rows[0][0]
     curve = [(t - t0 - i * probe_cost_s, k, k * per_step_epochs, tl, acc)
              for i, (t, k, tl, acc) in enumerate(rows)]  # fmt: skip
     last_t, last_k = curve[-1][0], curve[-1][1]
-    if result.steps > last_k:
+    if k_max > result.steps > last_k > 0:
         # the final parameters were never probed: place them at the average step time
         tl, acc = np.asarray(probe(result.params), float).tolist()
         t_end = last_t + (result.steps - last_k) * last_t / max(last_k, 1)

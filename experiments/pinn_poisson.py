@@ -243,18 +243,19 @@ def run_one(opt, residual_fn, params0, batch, rel_err, *, max_steps, every, prob
     the stop reason and the steps run. Seconds count from the first probe, i.e. after
     compilation, minus the probes' own cost."""
     recorder.rows.clear()
-    result = pb.fit(residual_fn, params0, opt, batch, max_steps=max_steps)
-    rows = list(recorder.rows)
+    # one step more than counted, so that the probe before it records the final point
+    result = pb.fit(residual_fn, params0, opt, batch, max_steps=max_steps + 1)
+    rows = [row for row in recorder.rows if row[1] <= max_steps]
     t0 = rows[0][0]
     curve = [(t - t0 - i * probe_cost_s, k, e) for i, (t, k, e) in enumerate(rows)]
     last_t, last_k, _ = curve[-1]
-    if result.steps > last_k:
+    if max_steps > result.steps > last_k > 0:
         # the final parameters were never probed: place them at the average step time
         per_step = last_t / max(last_k, 1)
         final = float(rel_err(result.params))
         curve.append((last_t + (result.steps - last_k) * per_step, result.steps, final))
-    loss = float(result.history.loss[-1])
-    return curve, loss, result.stop_reason, int(result.steps), result.params
+    loss = float(result.history.loss[min(result.steps, max_steps)])
+    return curve, loss, result.stop_reason, int(curve[-1][1]), result.params
 
 
 def error_at(curve, t: float) -> float:
