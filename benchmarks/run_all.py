@@ -105,9 +105,9 @@ def run_one(name: str, args, timeout: float, env: dict[str, str]) -> dict:
 
 
 def _demote(markdown: str) -> str:
-    """Headings one level down, so each benchmark's "## title" nests under the run's heading."""
+    """Headings two levels down: each benchmark's "## title" nests under its "### name"."""
     lines = markdown.strip().splitlines()
-    return "\n".join("#" + line if line.startswith("#") else line for line in lines)
+    return "\n".join("##" + line if line.startswith("#") else line for line in lines)
 
 
 def section(device: dict, runs: list[dict], args, started: dt.datetime) -> str:
@@ -119,8 +119,9 @@ def section(device: dict, runs: list[dict], args, started: dt.datetime) -> str:
         "",
         f"Device: {device['platform']}: {device['kind']}, {device['count']} visible; jax "
         f"{device['jax']}, jaxlib {device['jaxlib']}, Python {device['python']}; "
-        f"{'float64' if args.x64 else 'float32'}. Command: `python benchmarks/run_all.py "
-        f"{' '.join(sys.argv[1:])}`.",
+        f"{'float64' if args.x64 else 'float32'}; load average at start "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} host cores. Command: "
+        f"`python benchmarks/run_all.py {' '.join(sys.argv[1:])}`.",
         "",
         "| benchmark | status | wall time (incl. start and compile) |",
         "|---|---|---|",
