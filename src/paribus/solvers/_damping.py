@@ -7,12 +7,13 @@ Each rule maps (lam, nu, radius, rho, accepted, scaled step norm) to the next (l
   diag(J^T J) (relative). Accept when rho > 0.
 - ``"marquardt"`` (Marquardt 1963, as MATLAB's trainlm): x0.1 on accept, x10 on reject,
   lam0 = 1e-3 (absolute). Accept when the loss decreases (rho > 0).
-- ``"trust_region"`` (Moré 1978 radius rules, as MINPACK lmder): rho < 1/4 -> radius =
-  1/2 min(radius, 10 ||D^1/2 delta||); rho > 3/4 -> radius = 2 ||D^1/2 delta||. Departure: MINPACK
-  solves for the lam that puts the step on the radius by a secant iteration (several
-  factorisations per step); here lam is rescaled once by ||D^1/2 delta|| / radius, from the
-  large-lam law ||delta|| ~ ||g|| / lam, so every step costs one factorisation. Accept when
-  rho > 1e-4 (MINPACK).
+- ``"trust_region"`` (Moré 1978 radius rules, as MINPACK lmder with its factor 1/2): rho < 1/4
+  -> radius = 1/2 min(radius, 10 ||D^1/2 delta||), lam *= 2; rho >= 3/4 -> radius =
+  2 ||D^1/2 delta||, lam /= 2. Departure: MINPACK solves for the lam that puts the step on the
+  radius by a secant iteration (several factorisations per step); here lam is then raised by
+  ||D^1/2 delta|| / radius when the step overshoots the new radius (the large-lam law
+  ||delta|| ~ ||g|| / lam), so every step costs one factorisation. Accept when rho > 1e-4
+  (MINPACK).
 """
 
 from __future__ import annotations
@@ -47,13 +48,15 @@ def _marquardt(lam, nu, radius, rho, accepted, snorm):
 
 
 def _trust_region(lam, nu, radius, rho, accepted, snorm):
+    del accepted
     shrink = rho < 0.25
-    grow = rho > 0.75
+    grow = rho >= 0.75
     snorm = jnp.where(snorm > 0, snorm, radius)
     new_radius = jnp.where(shrink, 0.5 * jnp.minimum(radius, 10 * snorm), radius)
-    new_radius = jnp.where(grow, jnp.maximum(radius, 2 * snorm), new_radius)
-    new_lam = lam * snorm / new_radius
-    return new_lam, nu, new_radius
+    new_radius = jnp.where(grow, 2 * snorm, new_radius)
+    new_lam = jnp.where(shrink, 2 * lam, jnp.where(grow, 0.5 * lam, lam))
+    # A step longer than the new radius needs lam larger in proportion (||delta|| ~ 1 / lam).
+    return new_lam * jnp.maximum(1, snorm / new_radius), nu, new_radius
 
 
 RULES = {

@@ -112,7 +112,7 @@ def dual(model: Model, lam, d, min_norm: bool):
         kernel = model.ntk()
     else:
         jac = model.jacobian()
-        kernel = (jac / d) @ jac.T
+        kernel = (jac / d[None, :]) @ jac.T
     eye = _eye_like(r.shape[0], kernel)
     alpha = _pinv_solve(kernel, r) if min_norm else _chol_solve(kernel + lam * eye, r)
     if d is None:

@@ -65,8 +65,9 @@ def _scaling(state, model, scaling: str, floor: float):
 
 def _first_damping(state, model, d, rule_tau):
     """tau * max diag(J^T J) / D at the first step (Nielsen's relative lam0)."""
-    if d is not None:
-        return jnp.asarray(rule_tau * jnp.max(model.jtj_diag() / d), state.damping.dtype)
+    if d is not None:  # diag(J^T J) is at hand already: no cond needed
+        first = jnp.asarray(rule_tau * jnp.max(model.jtj_diag() / d), state.damping.dtype)
+        return jnp.where(state.count == 0, first, state.damping)
 
     def relative():
         return jnp.asarray(rule_tau * jnp.max(model.jtj_diag()), state.damping.dtype)

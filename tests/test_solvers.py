@@ -1,0 +1,308 @@
+"""Gauss-Newton and Levenberg-Marquardt steps: every solve form against its slow, obvious twin."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import paribus as pb
+from paribus.solvers import _damping, _linear, _model
+
+FORMS = pb.solvers.FORMS
+
+
+def linear_problem(n, p, seed=0):
+    rng = np.random.default_rng(seed)
+    a, y = rng.normal(size=(n, p)), rng.normal(size=n)
+    return jnp.asarray(a), jnp.asarray(y), jnp.asarray(rng.normal(size=p))
+
+
+def linear_residuals(params, batch):
+    a, y = batch
+    return a @ params["x"] - y
+
+
+def mlp_problem(n=5, sizes=(2, 6, 2), seed=0):
+    init, apply = pb.nets.mlp(list(sizes), b_init=jax.nn.initializers.normal(0.5))
+    key_p, key_x = jax.random.split(jax.random.key(seed))
+    xs = jax.random.normal(key_x, (n, sizes[0]))
+    ys = jnp.sin(xs[:, :1] * 2) * jnp.ones((1, sizes[-1]))
+    residual_fn = pb.per_example(lambda p, ex: apply(p, ex[0]) - ex[1])
+    return init(key_p), residual_fn, (xs, ys)
+
+
+def one_step(opt, params, residual_fn, batch):
+    state = opt.init(params)
+    return jax.jit(lambda p, s: opt.update(None, s, p, residual_fn=residual_fn, batch=batch))(
+        params, state
+    )
+
+
+def dense_jacobian(residual_fn, params, batch):
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    r = lambda th: jax.flatten_util.ravel_pytree(residual_fn(unravel(th), batch))[0]  # noqa: E731
+    return np.asarray(jax.jacfwd(r)(flat)), np.asarray(r(flat)), flat
+
+
+def naive_lm_step(residual_fn, params, batch, lam, d=None):
+    """(J^T J + lam D)^-1 (-J^T r) by numpy on the dense Jacobian: the slow twin."""
+    jac, r, _ = dense_jacobian(residual_fn, params, batch)
+    d = np.ones(jac.shape[1]) if d is None else d
+    return np.linalg.solve(jac.T @ jac + lam * np.diag(d), -jac.T @ r)
+
+
+def flat(tree):
+    return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
+
+
+# --- Gauss-Newton -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solve", FORMS)
+@pytest.mark.parametrize("shape", [(20, 5), (4, 10)], ids=["overdetermined", "underdetermined"])
+def test_gauss_newton_one_step_solves_linear_least_squares(solve, shape):
+    """One GN step is the exact (minimum-norm) least-squares solution, in every form."""
+    a, y, x0 = linear_problem(*shape)
+    params = {"x": x0}
+    step, state = one_step(
+        pb.gauss_newton(solve=solve, cg_max_steps=50), params, linear_residuals, (a, y)
+    )
+    expected = x0 + np.linalg.lstsq(a, y - a @ x0, rcond=None)[0]
+    np.testing.assert_allclose(x0 + step["x"], expected, atol=1e-9)
+    assert int(state.solve_form) == FORMS.index(solve) and bool(state.accepted)
+
+
+@pytest.mark.parametrize("solve", FORMS)
+def test_gauss_newton_rank_deficient_is_minimum_norm_and_finite(solve):
+    """Two identical columns and R < P: the step is J^+ r, never NaN (optimistix gives NaN)."""
+    a, y, _ = linear_problem(3, 6)
+    a = a.at[:, 1].set(a[:, 0])
+    params = {"x": jnp.zeros(6)}
+    step, _ = one_step(pb.gauss_newton(solve=solve), params, linear_residuals, (a, y))
+    np.testing.assert_allclose(step["x"], np.linalg.pinv(np.asarray(a)) @ np.asarray(y), atol=1e-9)
+
+
+@pytest.mark.parametrize("solve", ["primal", "dual"])
+def test_gauss_newton_step_matches_pseudo_inverse_on_mlp(solve):
+    params, residual_fn, batch = mlp_problem()
+    step, state = one_step(pb.gauss_newton(solve=solve), params, residual_fn, batch)
+    jac, r, _ = dense_jacobian(residual_fn, params, batch)
+    np.testing.assert_allclose(flat(step), -np.linalg.pinv(jac) @ r, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(state.grad_norm, np.linalg.norm(jac.T @ r), rtol=1e-12)
+
+
+# --- Levenberg-Marquardt: forms against the dense twin -------------------------------------------
+
+
+def raw_step(solve, params, residual_fn, batch, lam, d=None, min_norm=False, cg_steps=200):
+    """The solve form alone (no accept/reject), jitted: delta (P,), J delta (R,), g (P,)."""
+
+    def go(params):
+        model = _model.build(residual_fn, params, batch, where="test")
+        options = _linear.CGOptions(cg_steps, 1e-14)
+        dd = None if d is None else jnp.asarray(d)
+        return _linear.solve(solve, model, lam, dd, min_norm=min_norm, cg_options=options)
+
+    return [np.asarray(a) for a in jax.jit(go)(params)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("scaling", ["identity", "marquardt"])
+@pytest.mark.parametrize("sizes", [(2, 6, 2), (1, 3, 1)], ids=["R<P", "R>P"])
+def test_every_form_equals_dense_twin(seed, scaling, sizes):
+    """primal == qr == dual == cg == numpy solve of the normal equations (D = I and diag)."""
+    n = 5 if sizes[0] == 2 else 30
+    params, residual_fn, batch = mlp_problem(n, sizes, seed)
+    jac, r, _ = dense_jacobian(residual_fn, params, batch)
+    d = None if scaling == "identity" else np.sum(jac**2, 0) + 0.1
+    lam = 0.37
+    expected = naive_lm_step(residual_fn, params, batch, lam, d)
+    for solve in FORMS:
+        delta, jd, g = raw_step(solve, params, residual_fn, batch, lam, d)
+        tol = 1e-7 if solve == "cg" else 1e-10
+        np.testing.assert_allclose(delta, expected, rtol=tol, atol=tol, err_msg=solve)
+        np.testing.assert_allclose(jd, jac @ expected, rtol=tol, atol=tol, err_msg=solve)
+        np.testing.assert_allclose(g, jac.T @ r, rtol=1e-12, atol=1e-12, err_msg=solve)
+
+
+def test_dual_equals_primal_to_1e10_on_overparameterised_mlp():
+    """R = 4 < P = 353. Primal squares the condition number of J, so at tiny lam it is the
+    inaccurate one: there the reference is qr (J stacked on sqrt(lam) I)."""
+    params, residual_fn, batch = mlp_problem(4, (3, 16, 16, 1), seed=3)
+    for lam, reference in ((1e-2, "primal"), (1.0, "primal"), (10.0, "primal"), (1e-6, "qr")):
+        ref = raw_step(reference, params, residual_fn, batch, lam)[0]
+        dual = raw_step("dual", params, residual_fn, batch, lam)[0]
+        np.testing.assert_allclose(dual, ref, rtol=0, atol=1e-10 * np.abs(ref).max())
+
+
+def test_cg_approaches_primal_as_iterations_grow():
+    """CG minimises the error in the A-norm, A = J^T J + lam I: monotone in the iterations."""
+    params, residual_fn, batch = mlp_problem(12, (1, 5, 1), seed=4)
+    lam = 1e-3
+    jac, _, _ = dense_jacobian(residual_fn, params, batch)
+    a = jac.T @ jac + lam * np.eye(jac.shape[1])
+    primal = raw_step("primal", params, residual_fn, batch, lam)[0]
+
+    def a_norm_error(k):
+        e = raw_step("cg", params, residual_fn, batch, lam, cg_steps=k)[0] - primal
+        return float(np.sqrt(e @ a @ e))
+
+    errors = [a_norm_error(k) for k in (1, 2, 4, 8, 64)]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert errors[0] > 1e-2 * np.sqrt(primal @ a @ primal)
+    assert errors[-1] < 1e-8 * np.sqrt(primal @ a @ primal)
+
+
+# --- Levenberg-Marquardt: the update ------------------------------------------------------------
+
+
+def test_linear_problem_gain_ratio_is_one_and_step_is_the_twin():
+    a, y, x0 = linear_problem(20, 5)
+    params = {"x": x0}
+    opt = pb.levenberg_marquardt(init_damping=0.5, init_damping_relative=False)
+    step, state = one_step(opt, params, linear_residuals, (a, y))
+    expected = naive_lm_step(linear_residuals, params, (a, y), 0.5)
+    np.testing.assert_allclose(step["x"], expected, rtol=1e-11)
+    assert float(state.gain_ratio) == pytest.approx(1.0, abs=1e-10)
+    assert bool(state.accepted) and int(state.solve_form) == FORMS.index("primal")
+    np.testing.assert_allclose(state.loss, 0.5 * np.sum((a @ x0 - y) ** 2), rtol=1e-14)
+
+
+def test_non_finite_trial_is_a_rejection_not_a_poisoned_state():
+    opt = pb.levenberg_marquardt(init_damping=1e-9, init_damping_relative=False)
+    residual_fn = lambda p, b: jnp.sqrt(p) - 1.0  # noqa: E731
+    params = jnp.array([100.0])
+    step, state = one_step(opt, params, residual_fn, None)
+    assert not bool(state.accepted) and np.isneginf(state.gain_ratio)
+    np.testing.assert_array_equal(step, [0.0])
+    leaves = [np.asarray(x) for x in jax.tree.leaves(state._replace(gain_ratio=0.0))]
+    assert all(np.all(np.isfinite(x)) for x in leaves)
+    assert float(state.damping) == pytest.approx(2e-9)  # nielsen: lam *= nu = 2
+
+
+def test_relative_and_absolute_initial_damping():
+    params, residual_fn, batch = mlp_problem()
+    jac, _, _ = dense_jacobian(residual_fn, params, batch)
+    _, state = one_step(pb.levenberg_marquardt(), params, residual_fn, batch)
+    assert float(state.trial_damping) == pytest.approx(1e-3 * np.max(np.sum(jac**2, 0)))
+    _, state = one_step(pb.levenberg_marquardt(damping="marquardt"), params, residual_fn, batch)
+    assert float(state.trial_damping) == pytest.approx(1e-3)
+    opt = pb.levenberg_marquardt(init_damping=0.25, init_damping_relative=True)
+    _, state = one_step(opt, params, residual_fn, batch)
+    assert float(state.trial_damping) == pytest.approx(0.25 * np.max(np.sum(jac**2, 0)))
+
+
+def test_damping_is_bounded():
+    params, residual_fn, batch = mlp_problem()
+    opt = pb.levenberg_marquardt(
+        init_damping=1e9, init_damping_relative=False, damping_bounds=(1e-3, 10.0)
+    )
+    _, state = one_step(opt, params, residual_fn, batch)
+    assert float(state.trial_damping) == 10.0 and float(state.damping) <= 10.0
+
+
+def test_marquardt_scaling_is_a_running_max():
+    params, residual_fn, batch = mlp_problem()
+    opt = pb.levenberg_marquardt(scaling="marquardt")
+    update = jax.jit(lambda p, s, b: opt.update(None, s, p, residual_fn=residual_fn, batch=b))
+    state = opt.init(params)
+    _, state = update(params, state, batch)
+    first = np.asarray(state.scale)
+    jac, _, _ = dense_jacobian(residual_fn, params, batch)
+    np.testing.assert_allclose(first, np.sum(jac**2, 0), rtol=1e-12)
+    small = (batch[0] * 0.1, batch[1])  # smaller inputs: smaller diag(J^T J) for most columns
+    _, state = update(params, state, small)
+    jac_small, _, _ = dense_jacobian(residual_fn, params, small)
+    np.testing.assert_allclose(state.scale, np.maximum(first, np.sum(jac_small**2, 0)))
+
+
+@pytest.mark.parametrize(
+    ("rho", "accepted", "lam", "nu"),
+    [
+        (1.0, True, 1 / 3, 2.0),
+        (0.5, True, 1.0, 2.0),
+        (0.75, True, 0.875, 2.0),
+        (-1, False, 2.0, 4.0),
+    ],
+)
+def test_nielsen_rule(rho, accepted, lam, nu):
+    out = _damping.RULES["nielsen"].update(
+        jnp.asarray(1.0), jnp.asarray(2.0), jnp.asarray(1.0), jnp.asarray(rho),
+        jnp.asarray(accepted), jnp.asarray(0.5),
+    )  # fmt: skip
+    np.testing.assert_allclose(out[:2], (lam, nu))
+
+
+def test_marquardt_and_trust_region_rules():
+    one, two = jnp.asarray(1.0), jnp.asarray(2.0)
+    rule = _damping.RULES["marquardt"].update
+    assert float(rule(one, two, one, 0.5, jnp.asarray(True), one)[0]) == pytest.approx(0.1)
+    assert float(rule(one, two, one, -1.0, jnp.asarray(False), one)[0]) == pytest.approx(10)
+    rule = _damping.RULES["trust_region"].update
+    # rho < 1/4: radius = 1/2 min(2, 10 * 1) = 1; the step (1) fits: lam *= 2.
+    lam, _, radius = rule(one, two, two, jnp.asarray(0.1), jnp.asarray(True), one)
+    assert float(radius) == pytest.approx(1.0) and float(lam) == pytest.approx(2.0)
+    # rejected with a step of 8 > radius 2: radius 1, lam *= 2 * (8 / 1).
+    lam, _, radius = rule(one, two, two, jnp.asarray(-1.0), jnp.asarray(False), 4 * two)
+    assert float(radius) == pytest.approx(1.0) and float(lam) == pytest.approx(16.0)
+    # rho >= 3/4: radius = 2 ||step||, lam /= 2.
+    lam, _, radius = rule(one, two, two, jnp.asarray(0.9), jnp.asarray(True), two)
+    assert float(radius) == pytest.approx(4.0) and float(lam) == pytest.approx(0.5)
+
+
+def test_composes_with_optax_chain():
+    a, y, x0 = linear_problem(20, 5)
+    params = {"x": x0}
+    lm = pb.levenberg_marquardt(init_damping=0.5, init_damping_relative=False)
+    chained = optax.chain(lm, optax.scale(0.5))
+    step, _ = one_step(chained, params, linear_residuals, (a, y))
+    full, _ = one_step(lm, params, linear_residuals, (a, y))
+    np.testing.assert_allclose(step["x"], 0.5 * full["x"], rtol=1e-14)
+
+
+def test_state_is_arrays_only_and_vmaps():
+    params, residual_fn, batch = mlp_problem()
+    opt = pb.levenberg_marquardt()
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), params)
+    states = jax.vmap(opt.init)(stacked)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(states))
+    steps, states = jax.vmap(
+        lambda p, s: opt.update(None, s, p, residual_fn=residual_fn, batch=batch)
+    )(stacked, states)
+    assert states.loss.shape == (2,) and np.all(np.isfinite(states.loss))
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"solve": "lu"}, "unknown solve='lu'"),
+        ({"damping": "fletcher"}, "unknown damping='fletcher'"),
+        ({"scaling": "adaptive"}, "unknown scaling='adaptive'"),
+        ({"damping_bounds": (1.0, 0.5)}, "damping_bounds"),
+        ({"init_damping": -1.0}, "init_damping"),
+        ({"cg_max_steps": 0}, "cg_max_steps"),
+    ],
+)
+def test_bad_configuration_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pb.levenberg_marquardt(**kwargs)
+
+
+def test_bad_inputs_raise_clearly():
+    opt = pb.gauss_newton()
+    with pytest.raises(ValueError, match="unknown solve"):
+        pb.gauss_newton(solve="svd")
+    with pytest.raises(TypeError, match="floating-point"):
+        opt.init({"x": jnp.arange(3)})
+    params = {"x": jnp.ones(3)}
+    with pytest.raises(TypeError, match="float array"):
+        opt.update(None, opt.init(params), params,
+                   residual_fn=lambda p, b: (p["x"] > 0).astype(jnp.int32), batch=None)  # fmt: skip
+    with pytest.raises(TypeError, match="residual_fn=... and batch"):
+        opt.update(None, opt.init(params), params)
