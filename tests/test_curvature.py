@@ -139,11 +139,13 @@ def test_float32_works():
     xs = jax.random.normal(jax.random.key(1), (6, 2), jnp.float32)
     batch = (xs, jnp.zeros((6, 1), jnp.float32))
     residual_fn = pb.regression_residuals(apply)
-    kernel = curvature.residual_ntk(residual_fn, params, batch)
-    norms = curvature.per_example_grad_norms(residual_fn, params, batch)
+    with jax.default_matmul_precision("float32"):  # not TF32 on GPUs
+        kernel = curvature.residual_ntk(residual_fn, params, batch)
+        norms = curvature.per_example_grad_norms(residual_fn, params, batch)
+        jac = pb.jacobian(apply, params, xs, mode="per_example").matrix
+        expected = jac @ jac.T
     assert kernel.dtype == norms.dtype == jnp.float32
-    jac = pb.jacobian(apply, params, xs, mode="per_example").matrix
-    np.testing.assert_allclose(kernel, jac @ jac.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kernel, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs_raise():

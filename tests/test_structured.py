@@ -102,11 +102,14 @@ def test_every_structured_quantity_equals_its_generic_twin(problem):
 def test_structured_jacobian_chunked_and_float32():
     params, apply = random_mlp(jax.random.key(0), [3, 6, 5, 2], "tanh", dtype=jnp.float32)
     xs = jax.random.normal(jax.random.key(1), (7, 3), jnp.float32)
-    full = pb.jacobian(apply, params, xs, mode="structured").matrix
-    chunked = pb.jacobian(apply, params, xs, mode="structured", chunk_size=3).matrix
+    # Full float32 products: on GPUs the default matmul precision is TF32 (10-bit mantissa).
+    with jax.default_matmul_precision("float32"):
+        full = pb.jacobian(apply, params, xs, mode="structured").matrix
+        chunked = pb.jacobian(apply, params, xs, mode="structured", chunk_size=3).matrix
+        dense = _dense(apply, params, xs)
     assert full.dtype == jnp.float32 and full.shape == (14, 3 * 6 + 6 + 6 * 5 + 5 + 5 * 2 + 2)
     np.testing.assert_allclose(chunked, full, rtol=1e-6)
-    np.testing.assert_allclose(full, _dense(apply, params, xs), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(full, dense, rtol=1e-4, atol=1e-5)
 
 
 def test_wrong_input_width_raises():

@@ -200,10 +200,11 @@ def jacobian_matrix(
 ) -> jax.Array:
     """(N*m, P) Jacobian of ``apply`` over ``xs`` from the per-layer factors.
 
-    Unchunked, the factors are computed for the whole batch and each block is written straight
-    into its columns of one (N m, P) buffer (``dynamic_update_slice``, which XLA does in place),
-    so J is written once; a ``jnp.concatenate`` of the blocks measured slower (one extra copy
-    when the blocks are not fused into it). Chunked, examples go ``chunk_size`` at a time.
+    Unchunked, the factors are computed for the whole batch and the blocks concatenated
+    column-wise, which XLA fuses into one write of J. Writing each block into a preallocated
+    buffer with ``dynamic_update_slice`` measured 1.8x slower on an H200 (3.3 vs 1.8 ms at
+    16-1024-1024-1, N = 1024) and no faster on the CPU. Chunked, examples go ``chunk_size`` at
+    a time through the per-example path.
     """
     if chunk_size is not None:
         from paribus.jacobian import map_examples
@@ -212,14 +213,8 @@ def jacobian_matrix(
         return rows.reshape(-1, rows.shape[-1])
     f = batch_factors(apply, params, xs)
     n, m = f.outputs.shape
-    size = sum(
-        a.shape[1] * d.shape[2] + d.shape[2] for a, d in zip(f.inputs, f.signals, strict=True)
-    )
-    out = jnp.zeros((n * m, size), f.outputs.dtype)
-    start = 0
+    blocks = []
     for a, d in zip(f.inputs, f.signals, strict=True):
-        for block in (d, a[:, None, :, None] * d[:, :, None, :]):
-            block = block.reshape(n * m, -1)
-            out = jax.lax.dynamic_update_slice(out, block, (0, start))
-            start += block.shape[1]
-    return out
+        blocks.append(d.reshape(n * m, -1))
+        blocks.append((a[:, None, :, None] * d[:, :, None, :]).reshape(n * m, -1))
+    return jnp.concatenate(blocks, axis=1)
