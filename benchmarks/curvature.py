@@ -8,7 +8,10 @@ float64); every quantity jit-compiled, compile time reported apart, median run t
 repeats. Methods per quantity:
 
 - NTK (N m x N m): ``pb.ntk`` (structured: sum_l (A A^T + 1) * (D D^T)); J by ``vmap(grad)``
-  then J J^T ("materialise"); R implicit NTK-vector products J (J^T e_r) batched by ``vmap``.
+  then J J^T ("materialise"); and one implicit NTK-vector product K u = J (J^T u) (a VJP and a
+  JVP), which a CG solve of the dual system repeats once per iteration where the structured K
+  is formed once. (Forming K from N m such products, batched by ``vmap``, took 26 s at
+  1-64-64-1 on the CPU: it is not timed.)
 - GGN-vector product J^T J v: ``pb.ggn_vector_product`` (factored for m = 1) and the generic
   ``jax.linearize`` + transpose path, against one batch gradient.
 - Per-example gradient norms: ``pb.per_example_grad_norms`` (one forward and backward keeping
@@ -60,11 +63,13 @@ def _methods(apply, params, batch):
         rows = jax.vmap(jax.jacrev(one_output), (None, 0))(theta, xs)
         return rows.reshape(n * m, -1)
 
-    def ntk_vector_products(p):
-        out, pullback = jax.vjp(lambda q: residual_fn(q, batch).reshape(-1), p)
-        _, push = jax.linearize(lambda q: residual_fn(q, batch).reshape(-1), p)
-        del out
-        return jax.vmap(lambda e: push(pullback(e)[0]))(jnp.eye(n * m, dtype=flat.dtype))
+    u = jax.random.normal(jax.random.key(4), (n * m,), flat.dtype)
+
+    def ntk_vector_product(p):
+        """K u = J (J^T u): one VJP and one JVP, J and K never formed."""
+        residuals = lambda q: residual_fn(q, batch).reshape(-1)  # noqa: E731
+        _, pullback = jax.vjp(residuals, p)
+        return jax.jvp(residuals, (p,), pullback(u))[1]
 
     def dual_step(p):
         kernel = curvature.residual_ntk(residual_fn, p, batch)
@@ -93,7 +98,7 @@ def _methods(apply, params, batch):
             jit(lambda th: (lambda j: j @ j.T)(vmap_grad_jacobian(th))),
             (flat,),
         ),
-        "ntk by vmap of NTK-vector products": ("NTK", jit(ntk_vector_products), (params,)),
+        "one NTK-vector product K u": ("NTK-vector product", jit(ntk_vector_product), (params,)),
         "ggn-vp structured": (
             "GGN-vector product",
             jit(lambda p, w: curvature.ggn_vector_product(residual_fn, p, batch, w)),
@@ -143,10 +148,7 @@ def main() -> None:
         label = "-".join(map(str, sizes))
         timings = {}
         for name, (quantity, fn, fn_args) in _methods(apply, params, batch).items():
-            # Forming the NTK from N m implicit products costs N m forward and backward passes:
-            # minutes on a CPU at the large sizes, so it is timed once there.
-            slow = name.startswith("ntk by vmap") and n * sizes[-1] * n_params > 5e7
-            t = time_fn(lambda fn=fn, a=fn_args: fn(*a), repeats=1 if slow else repeats)
+            t = time_fn(lambda fn=fn, a=fn_args: fn(*a), repeats=repeats)
             timings[name] = t
             print(f"{label} N={n}: {name:40s} {fmt_ms(t['run_s']):>10s}", flush=True)
             rows.append(
