@@ -32,15 +32,21 @@ Finding: see ``results/convergence_rates/report.md`` (numbers from the run that 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# XLA's CPU eigh and Cholesky (Gauss-Newton's pseudo-inverse, LM's solve) call LAPACK through
+# OpenBLAS, whose worker threads spin when the cores are shared: on a busy 2-core machine a
+# 200 x 200 eigh took 0.6 s. One thread each; set before jax loads, an explicit setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import paribus as pb
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import paribus as pb  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
@@ -50,9 +56,9 @@ T = (1.0, 2.0, 3.0)
 CASES = {"zero residual": 8.0, "small residual": 3.0, "medium residual": -1.0,
          "large residual": -4.0}  # fmt: skip
 # |g| counted as converged. Not lower: at a nonzero residual L* the loss stops changing in
-# float64 once |g| ~ sqrt(eps L* L''), 1e-10 to 1e-8 here, so LM (which needs a decrease to accept
+# float64 once |g| ~ sqrt(eps L* L''), 1e-10 to 3e-8 here, so LM (which needs a decrease to accept
 # a step) stalls there, while GN (no test) goes on to round-off, about 1e-14.
-TOL = 1e-7
+TOL = 1e-6
 
 
 def residual_fn(params, batch):
@@ -100,13 +106,13 @@ def run(opt, x0: np.ndarray, ys: np.ndarray, max_steps: int):
 
 
 def measured_rate(g: np.ndarray) -> float:
-    """Median of |g_{k+1}| / |g_k| over the steps with 1e-7 < |g_k| < 1e-2 (the asymptotic,
+    """Median of |g_{k+1}| / |g_k| over the steps with 1e-6 < |g_k| < 1e-2 (the asymptotic,
     linear phase above round-off and LM's floor, see TOL), over every seed; NaN when none."""
     ratios = []
     for row in g:
         row = row[np.isfinite(row)]
         for a, b in zip(row[:-1], row[1:], strict=True):
-            if 1e-7 < a < 1e-2 and b > 0:
+            if 1e-6 < a < 1e-2 and b > 0:
                 ratios.append(b / a)
     return float(np.median(ratios)) if ratios else math.nan
 
@@ -200,8 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         table.append({
             "case": f"{name} (y3 = {CASES[name]:g})",
             "x*": t["x_star"], "L*": t["loss_star"],
-            "predicted GN rate |H/J^TJ|": t["rate"],
-            "measured GN rate": "quadratic" if quad else measured_rate(g_gn),
+            "predicted GN rate abs(H)/JTJ": t["rate"],
+            "measured GN rate": "quadratic" if quad
+            else (measured_rate(g_gn) if t["rate"] < 1 else "no convergence"),
             "predicted C/L''": t["quad_const"] / t["curvature"] if quad else "",
             "measured g_(k+1)/g_k^2": measured_quadratic(g_gn) if quad else "",
             "GN converged": f"{int((its_gn >= 0).sum())}/{args.seeds}",

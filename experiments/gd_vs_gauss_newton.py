@@ -27,17 +27,24 @@ default run are quoted in the README.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+# XLA's CPU eigh and Cholesky (Gauss-Newton's pseudo-inverse, LM's solve) call LAPACK through
+# OpenBLAS, whose worker threads spin when the cores are shared: on a busy 2-core machine a
+# 200 x 200 eigh took 0.6 s. One thread each; set before jax loads, an explicit setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import paribus as pb
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import paribus as pb  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
@@ -118,7 +125,8 @@ def solver_opt(method: str) -> optax.GradientTransformationExtraArgs:
     raise ValueError(f"unknown solver {method!r}")
 
 
-def batched_fit(make_opt, init, residual_fn, batch, keys, lrs, *, max_steps, target):
+def batched_fit(make_opt, init, residual_fn, batch, keys, lrs, *, max_steps, target,
+                step_tol=None):  # fmt: skip
     """``pb.fit`` for every (learning rate, seed) pair as one vmapped, jitted call.
 
     Returns numpy arrays: losses (L, S, max_steps + 1), NaN past each run's stop; accepted
@@ -126,7 +134,7 @@ def batched_fit(make_opt, init, residual_fn, batch, keys, lrs, *, max_steps, tar
 
     def one(lr, key):
         r = pb.fit(residual_fn, init(key), make_opt(lr), batch, max_steps=max_steps,
-                   target_loss=target)  # fmt: skip
+                   target_loss=target, step_tol=step_tol)  # fmt: skip
         return r.history.loss, r.history.accepted, r.steps, r.stop_reason
 
     run = jax.jit(jax.vmap(jax.vmap(one, (None, 0)), (0, None)))
@@ -141,7 +149,8 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
-def timed_fit(opt, init, residual_fn, batch, keys, *, max_steps, target, seed_runs: bool):
+def timed_fit(opt, init, residual_fn, batch, keys, *, max_steps, target, seed_runs: bool,
+              step_tol=None):  # fmt: skip
     """Un-batched ``pb.fit`` runs of one compiled fit (``max_steps`` is static, the target is
     not): one compiling call, then each seed to the target when ``seed_runs``, then the time
     per iteration of seed 0 (see :func:`per_iteration`).
@@ -152,7 +161,7 @@ def timed_fit(opt, init, residual_fn, batch, keys, *, max_steps, target, seed_ru
 
     def go(key, tgt):
         return lambda: pb.fit(residual_fn, init(key), opt, batch, max_steps=max_steps,
-                              target_loss=tgt)  # fmt: skip
+                              target_loss=tgt, step_tol=step_tol)  # fmt: skip
 
     first = _seconds(go(keys[0], target))
     losses = accepted = steps = codes = None
@@ -185,7 +194,7 @@ def per_iteration(full, zero, repeats: int = 3) -> tuple[float, float]:
 
 
 def run_method(make_opt, lrs, init, residual_fn, batch, keys, *, max_steps, target,
-               timing_steps):  # fmt: skip
+               timing_steps, step_tol=None):  # fmt: skip
     """Every seed x learning rate of one method, and its time per iteration.
 
     One learning rate (or none): un-batched runs of one compiled fit. A grid: one vmapped
@@ -194,18 +203,20 @@ def run_method(make_opt, lrs, init, residual_fn, batch, keys, *, max_steps, targ
     if len(lrs) == 1:
         losses, accepted, steps, codes, per_step, compile_s = timed_fit(
             make_opt(lrs[0]), init, residual_fn, batch, keys, max_steps=max_steps,
-            target=target, seed_runs=True,
+            target=target, seed_runs=True, step_tol=step_tol,
         )  # fmt: skip
         losses, accepted, steps, codes = (a[None] for a in (losses, accepted, steps, codes))
         best = 0
     else:
         losses, accepted, steps, codes = batched_fit(
-            make_opt, init, residual_fn, batch, keys, lrs, max_steps=max_steps, target=target
-        )
+            make_opt, init, residual_fn, batch, keys, lrs, max_steps=max_steps, target=target,
+            step_tol=step_tol,
+        )  # fmt: skip
         best = pick_best(iterations_to_target(losses, target), _final_loss(losses))
         *_, per_step, compile_s = timed_fit(
             make_opt(lrs[best]), init, residual_fn, batch, keys[:1],
             max_steps=min(timing_steps, max_steps), target=target, seed_runs=False,
+            step_tol=step_tol,
         )  # fmt: skip
     its = iterations_to_target(losses, target)
     return dict(lrs=lrs, best=best, losses=losses, accepted=accepted, steps=steps, codes=codes,
@@ -317,8 +328,11 @@ def plot_curves(best: dict, target: float, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
     for method, b in best.items():
         losses = b["losses"]  # (S, T)
+        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
         k = np.arange(losses.shape[1])
         med = np.nanmedian(np.where(np.isfinite(losses), losses, np.nan), axis=0)
+        # The median only while at least half the seeds still run (else it jumps).
+        med = np.where(np.isfinite(losses).sum(0) * 2 >= len(losses), med, np.nan)
         lr = "" if math.isnan(b["lr"]) else f" (lr {b['lr']:g})"
         for ax, xs in ((axes[0], k + 1), (axes[1], (k + 1) * b["per_step"])):
             for row in losses:
@@ -329,7 +343,7 @@ def plot_curves(best: dict, target: float, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.grid(True, which="major", alpha=0.3)
-    axes[0].text(1.2, target * 0.55, "target", fontsize=9)
+    axes[1].text(axes[1].get_xlim()[1], target * 0.6, "target ", fontsize=9, ha="right")
     axes[0].set_xlabel("iteration + 1 (LM: every trial counts)")
     axes[1].set_xlabel("wall-clock seconds (iterations x measured time per iteration)")
     axes[0].set_ylabel("loss 1/2 ||r||^2")

@@ -43,17 +43,24 @@ Finding: see ``results/hagan_menhaj/report.md`` (numbers from the run that wrote
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+# XLA's CPU eigh and Cholesky (Gauss-Newton's pseudo-inverse, LM's solve) call LAPACK through
+# OpenBLAS, whose worker threads spin when the cores are shared: on a busy 2-core machine a
+# 200 x 200 eigh took 0.6 s. One thread each; set before jax loads, an explicit setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import paribus as pb
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import paribus as pb  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
@@ -269,8 +276,11 @@ def run(cfg: Config, seeds: int, progress: bool):
     for method in _common.progress(list(cfg.grids), desc=NAME, disable=not progress):
         lrs, max_steps = cfg.grids[method], cfg.max_steps[method]
         make = lambda lr, m=method: make_opt(m, lr, n_params)  # noqa: E731
+        # pb.fit stops ("step") on a zero update, which is how VLBP discards a trial: switch
+        # that test off for it (a negative tolerance is never met).
+        step_tol = -1e-30 if method == "VLBP" else None
         res = run_method(make, lrs, init, residual_fn, batch, keys, max_steps=max_steps,
-                         target=target, timing_steps=max_steps)  # fmt: skip
+                         target=target, timing_steps=max_steps, step_tol=step_tol)  # fmt: skip
         b = res["best"]
         epochs = None
         if method.startswith("LM"):  # trainlm's epochs: accepted steps
@@ -351,6 +361,22 @@ def finding(best: dict, seeds: int) -> tuple[str, list[dict]]:
             ) + " the paper's one to two orders of magnitude"
             parts.append(f"{m}: {10**v:.3g}x LM's time ({verdict})")
     text.append("Median time to goal against LM's: " + "; ".join(parts) + ".")
+    cg = best["CGBP (Polak-Ribiere)"]
+    if (cg["its"] >= 0).any():
+        # Why the gap to CG can come out smaller than the paper's: it counted flops of
+        # MATLAB code; here both loops are compiled and the costs per iteration are close.
+        cg_its = float(np.median(cg["its"][cg["its"] >= 0]))
+        text.append(
+            f"Per iteration, LM cost {lm['per_step'] * 1e6:.0f} us and CG (with its strong-Wolfe "
+            f"line search) {cg['per_step'] * 1e6:.0f} us here: on {46} weights one LM step (a "
+            f"40 x 46 Jacobian, a 46 x 46 Cholesky) costs about what CG's line-search function "
+            f"and gradient evaluations cost, so the time ratio is close to the ratio of "
+            f"iterations ({cg_its / lm_its:.3g}x). Where that lands below one order of "
+            "magnitude it disagrees with the paper, which counted floating-point operations of "
+            "1994 MATLAB implementations (CG with a Charalambous-type line search, where every "
+            "line-search step is a full pass); the iteration gap, not the cost per "
+            "iteration, is what carries over."
+        )
     return " ".join(text), ratios
 
 
@@ -359,10 +385,12 @@ def plot(best: dict, target: float, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
     for method, b in best.items():
-        losses = 2 * b["losses"]  # SSE
+        losses = np.minimum(2 * b["losses"], 1e4)  # SSE; diverged runs drawn at 1e4
         k = np.arange(losses.shape[1])
-        with np.errstate(all="ignore"):
-            med = np.nanmedian(np.where(np.isfinite(losses), losses, np.nan), axis=0)
+        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
+        med = np.nanmedian(np.where(np.isfinite(losses), losses, np.nan), axis=0)
+        # The median only while at least half the seeds still run (else it jumps).
+        med = np.where(np.isfinite(losses).sum(0) * 2 >= len(losses), med, np.nan)
         lr = "" if math.isnan(b["lr"]) else f" (lr {b['lr']:g})"
         for ax, xs in ((axes[0], k + 1), (axes[1], (k + 1) * b["per_step"])):
             for row in losses:
@@ -398,6 +426,8 @@ def plot_times(best: dict, seeds: int, path: Path) -> None:
         ax.scatter(i + jitter[~ok], t[~ok], facecolors="none", edgecolors=COLORS[m], s=18)
         ax.annotate(f"{int(ok.sum())}/{seeds}", (i, np.max(t) * 1.6), ha="center", fontsize=8)
     ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 4)  # room for the success labels
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([n.replace(" (", "\n(") for n in names], fontsize=8)
     ax.set_ylabel("wall-clock to SSE 0.02, seconds")
