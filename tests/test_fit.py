@@ -73,3 +73,143 @@ def test_stop_reason_names():
         "max_steps", "gradient", "step", "target_loss", "non_finite", "damping_limit",
     }  # fmt: skip
     assert callable(fit_run)
+
+
+def test_float32_end_to_end():
+    params, residual_fn, batch = sine_problem()
+    params, batch = jax.tree.map(lambda a: a.astype(jnp.float32), (params, batch))
+    result = pb.fit(residual_fn, params, pb.levenberg_marquardt(), batch, max_steps=100)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(result.params))
+    assert result.history.loss.dtype == np.float32
+    assert np.all(np.isfinite(result.history.loss))
+    assert result.history.loss[-1] < 1e-5 * result.history.loss[0]
+
+
+def test_second_call_does_not_recompile():
+    params, residual_fn, batch = sine_problem()
+    opt = pb.levenberg_marquardt()
+    pb.fit(residual_fn, params, opt, batch, max_steps=5)
+    before = fit_run._cache_size()
+    moved = jax.tree.map(lambda a: a + 0.1, params)
+    result = pb.fit(residual_fn, moved, opt, batch, max_steps=5, target_loss=1e-3)
+    assert fit_run._cache_size() == before
+    assert result.steps >= 1
+
+
+def test_vmap_over_seeds_matches_one_seed_at_a_time():
+    init, apply = pb.nets.mlp([1, 6, 1])
+    xs = jnp.linspace(-1, 1, 5)[:, None]
+    batch = (xs, jnp.sin(3 * xs))
+    residual_fn = pb.per_example(lambda p, ex: apply(p, ex[0]) - ex[1])
+    opt = pb.levenberg_marquardt()
+    keys = jax.random.split(jax.random.key(7), 3)
+    batched = jax.vmap(lambda k: pb.fit(residual_fn, init(k), opt, batch, max_steps=40))(keys)
+    assert batched.history.loss.shape == (3, 41) and batched.steps.shape == (3,)
+    single = pb.fit(residual_fn, init(keys[1]), opt, batch, max_steps=40)
+    assert int(batched.steps[1]) == single.steps
+    assert STOP_REASONS[int(batched.stop_reason[1])] == single.stop_reason
+    # Batched and unbatched kernels round differently: compare to 1e-12 of the initial loss.
+    np.testing.assert_allclose(batched.history.loss[1, : single.steps + 1], single.history.loss,
+                               rtol=1e-9, atol=1e-12 * single.history.loss[0])  # fmt: skip
+
+
+def linear_data(n=40, p=3, seed=0):
+    rng = np.random.default_rng(seed)
+    a = jnp.asarray(rng.normal(size=(n, p)))
+    y = a @ jnp.asarray(rng.normal(size=p)) + 0.1 * jnp.asarray(rng.normal(size=n))
+    return (a, y), (lambda x, b: b[0] @ x - b[1]), jnp.zeros(p)
+
+
+def test_minibatch_index_schedule_uses_the_same_batch_for_rho():
+    """Linear residuals: the gain ratio is exactly 1 when the trial is judged on its own batch."""
+    data, residual_fn, x0 = linear_data()
+    indices = jnp.asarray(np.random.default_rng(1).permutation(40).reshape(4, 10))
+    opt = pb.levenberg_marquardt(init_damping=1.0, init_damping_relative=False)
+    result = pb.fit(residual_fn, x0, opt, data, max_steps=12, batch_indices=indices)
+    hist = result.history
+    assert result.steps == 12 and np.all(hist.accepted[1:])
+    np.testing.assert_allclose(hist.gain_ratio[1:], 1.0, atol=1e-9)
+    first = jax.tree.map(lambda a: a[indices[0]], data)
+    np.testing.assert_allclose(hist.loss[0], pb.loss(residual_fn, x0, first), rtol=1e-14)
+
+
+def test_minibatch_iterator_equals_index_schedule():
+    data, residual_fn, x0 = linear_data()
+    indices = np.random.default_rng(2).permutation(40).reshape(4, 10)
+    opt = pb.levenberg_marquardt()
+    by_index = pb.fit(residual_fn, x0, opt, data, max_steps=8, batch_indices=indices)
+    batches = (jax.tree.map(lambda a, i=i: a[indices[i % 4]], data) for i in range(100))
+    by_iter = pb.fit(residual_fn, x0, opt, batches, max_steps=8)
+    np.testing.assert_allclose(by_iter.history.loss, by_index.history.loss, rtol=1e-13)
+    np.testing.assert_allclose(by_iter.params, by_index.params, rtol=1e-13)
+
+
+def test_progress_callback_every_k_steps():
+    params, residual_fn, batch = sine_problem()
+    calls = []
+    result = pb.fit(residual_fn, params, optax.adam(1e-2), batch, max_steps=12, progress_every=5,
+                    progress=lambda k, value: calls.append((int(k), float(value))))  # fmt: skip
+    jax.effects_barrier()
+    assert [k for k, _ in calls] == [0, 5, 10]
+    np.testing.assert_allclose([v for _, v in calls], result.history.loss[[0, 5, 10]])
+
+
+def test_diverging_first_order_run_stops_non_finite():
+    params, residual_fn, batch = sine_problem()
+    result = pb.fit(residual_fn, params, optax.sgd(1e6), batch, max_steps=100)
+    assert result.stop_reason == "non_finite" and result.steps < 100
+    assert np.all(np.isfinite(result.history.loss[:-1]))
+
+
+def test_lm_inside_a_chain_is_recognised():
+    params, residual_fn, batch = sine_problem()
+    opt = optax.chain(pb.levenberg_marquardt(), optax.scale(1.0))
+    result = pb.fit(residual_fn, params, opt, batch, max_steps=100)
+    assert result.history.loss[-1] < 1e-10
+    assert np.all(result.history.solve_form[1:] >= 0)
+
+
+def test_clear_errors():
+    params, residual_fn, batch = sine_problem()
+    opt = pb.levenberg_marquardt()
+    with pytest.raises(ValueError, match="max_steps must be an int >= 1"):
+        pb.fit(residual_fn, params, opt, batch, max_steps=0)
+    with pytest.raises(TypeError, match="floating-point"):
+        pb.fit(residual_fn, {"x": jnp.arange(3)}, opt, batch, max_steps=3)
+    with pytest.raises(TypeError, match="float array"):
+        pb.fit(lambda p, b: jnp.zeros(3, jnp.int32), params, opt, batch, max_steps=3)
+    with pytest.raises(TypeError, match="optax GradientTransformation"):
+        pb.fit(residual_fn, params, "adam", batch, max_steps=3)
+    with pytest.raises(ValueError, match=r"\(S, B\) integer array"):
+        pb.fit(residual_fn, params, opt, batch, max_steps=3, batch_indices=jnp.ones(3))
+    xs, ys = batch
+    uneven = iter([(xs, ys), (xs[:3], ys[:3])])
+    with pytest.raises(ValueError, match="batch 1 from the iterator"):
+        pb.fit(residual_fn, params, opt, uneven, max_steps=3)
+
+
+def blobs(n_per_class=20, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.array([[2.0, 0.0], [-1.0, 1.7], [-1.0, -1.7]])
+    xs = np.concatenate([c + 0.6 * rng.normal(size=(n_per_class, 2)) for c in centres])
+    labels = np.repeat(np.arange(3), n_per_class)
+    return jnp.asarray(xs), jnp.asarray(labels)
+
+
+def test_levenberg_marquardt_trains_a_classifier_with_cross_entropy():
+    """GGN / LM with softmax cross-entropy (loss=): high accuracy in a few steps."""
+    xs, labels = blobs()
+    init, apply = pb.nets.mlp([2, 8, 3])
+    loss = pb.losses.softmax_cross_entropy()
+    residual_fn = pb.losses.network_outputs(apply)
+    opt = pb.levenberg_marquardt(loss=loss)
+    result = pb.fit(residual_fn, init(jax.random.key(0)), opt, (xs, labels), max_steps=30,
+                    loss=loss)  # fmt: skip
+    logits = jax.vmap(apply, (None, 0))(result.params, xs)
+    accuracy = float(jnp.mean(jnp.argmax(logits, axis=1) == labels))
+    assert accuracy >= 0.95
+    hist = result.history
+    assert hist.loss[-1] < 0.1 * hist.loss[0]
+    assert np.all(np.diff(hist.loss) <= 1e-12)
+    expected = jnp.sum(jax.vmap(loss.value)(logits, labels))
+    np.testing.assert_allclose(hist.loss[-1], expected, rtol=1e-12)

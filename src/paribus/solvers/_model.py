@@ -110,9 +110,9 @@ def build(residual_fn, params: PyTree, batch: PyTree, loss=None, *, where: str) 
     else:
         r, jvp, vjp, value = _whitened(loss, z, call(flat)[1], z_jvp, z_vjp)
     dense = _memo(lambda: _dense(jvp, vjp, flat, r.shape[0]))
-    if loss is None and _ntk is not None:
-        ntk = _memo(lambda: _ntk(residual_fn, params, batch).astype(r.dtype))
-        diag = _memo(lambda: _jtj_diag(residual_fn, params, batch).astype(r.dtype))
+    if _ntk is not None:  # structured (never forms J) for pb.nets residuals
+        ntk = _memo(lambda: _ntk(residual_fn, params, batch, loss=loss).astype(r.dtype))
+        diag = _memo(lambda: _jtj_diag(residual_fn, params, batch, loss=loss).astype(r.dtype))
     else:
         ntk = _memo(lambda: dense() @ dense().T)
         diag = _memo(lambda: jnp.sum(jnp.square(dense()), axis=0))

@@ -103,6 +103,7 @@ def levenberg_marquardt(
     memory_budget: int = _common.DEFAULT_MEMORY_BUDGET,
     cg_max_steps: int = 50,
     cg_tol: float = 1e-10,
+    cg_preconditioner: str | None = "jacobi",
 ) -> optax.GradientTransformationExtraArgs:
     """Levenberg-Marquardt: one damped Gauss-Newton trial per ``update``, kept if it pays.
 
@@ -133,6 +134,7 @@ def levenberg_marquardt(
         (outputs (N, m), targets) and the step is generalised Gauss-Newton (see
         ``paribus.solvers._model``).
       cg_max_steps, cg_tol: iteration cap and relative residual tolerance of "cg".
+      cg_preconditioner: "jacobi" (diag(J^T J) + lam D) or None.
 
     Returns:
       ``optax.GradientTransformationExtraArgs``;
@@ -153,6 +155,11 @@ def levenberg_marquardt(
     rule, lo, hi = _check_config(solve, damping, scaling, damping_bounds, where=where)
     _common.check_loss(loss, where=where)
     cg_options = _common.check_cg(cg_max_steps, cg_tol, where=where)
+    if cg_preconditioner not in ("jacobi", None):
+        raise ValueError(
+            f"{where}: unknown cg_preconditioner={cg_preconditioner!r}; expected 'jacobi' or None."
+        )
+    cg_options = cg_options._replace(jacobi=cg_preconditioner == "jacobi")
     lam0 = rule.init_damping if init_damping is None else float(init_damping)
     relative = rule.relative if init_damping_relative is None else bool(init_damping_relative)
     if not lam0 > 0:
