@@ -88,7 +88,7 @@ class Config(NamedTuple):
 
 
 FULL = Config(
-    (64, 100, 50, 25, 6, 25, 50, 100, 64), 40, 50, 40, 200, 128,
+    (64, 100, 50, 25, 6, 25, 50, 100, 64), 30, 50, 30, 200, 128,
     (1e-3, 3e-3), (0.01, 0.03), None,
 )  # fmt: skip
 QUICK = Config((64, 16, 4, 16, 64), 4, 10, 4, 2, 64, (1e-3,), (0.01,), 256)
@@ -387,7 +387,11 @@ def run_one(m: Method, probed, residual_fn, params0, x_tr, seed, cfg, probe, pro
                         batch_indices=idx)  # fmt: skip
     else:
         k_max = m.steps_or_epochs
-        result = pb.fit(residual_fn, params0, probed, batch, max_steps=k_max + 1)
+        # A rejected HF step is a zero update, which pb.fit's step test takes for convergence
+        # (stop_reason "step"); it has no switch to turn that test off, and a negative
+        # tolerance is the one that never fires.
+        tol = -1.0 if m.name.startswith("HF") else None
+        result = pb.fit(residual_fn, params0, probed, batch, max_steps=k_max + 1, step_tol=tol)
     rows = [row for row in recorder.rows if row[1] <= k_max]
     t0 = rows[0][0]
     curve = [(t - t0 - i * probe_cost_s, k, *rest) for i, (t, k, *rest) in enumerate(rows)]
@@ -398,6 +402,17 @@ def run_one(m: Method, probed, residual_fn, params0, x_tr, seed, cfg, probe, pro
         curve.append((last_t + (result.steps - last_k) * last_t / max(last_k, 1), result.steps,
                       *final))  # fmt: skip
     return curve, result
+
+
+def accepted_fraction(m: Method, result, rows) -> float:
+    """The fraction of steps kept: LM from pb.fit's history, HF from its gain ratios (a step
+    is kept when it lowers the loss, i.e. rho > 0); NaN for first-order methods."""
+    if m.name.startswith("HF"):
+        rho = np.asarray([r["gain_ratio"] for r in rows[1:]], float)
+        return float(np.mean(rho > 0)) if rho.size else float("nan")
+    if m.lr is None:
+        return float(np.mean(np.asarray(result.history.accepted[1:], bool)))
+    return float("nan")
 
 
 def median(values) -> float:
@@ -472,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                  stop_reason=result.stop_reason, train_error=rows[-1]["train_error"],
                  test_error=rows[-1]["test_error"],
                  mean_cg_steps=float(np.mean(cg)) if cg else float("nan"),
-                 accepted_fraction=float(np.mean(np.asarray(result.history.accepted[1:]))))
+                 accepted_fraction=accepted_fraction(m, result, rows))
         )  # fmt: skip
         curves += [dict(method=m.name, lr="" if m.lr is None else m.lr, seed=seed, **r)
                    for r in rows]  # fmt: skip
@@ -597,6 +612,13 @@ def make_report(summary, grids, best, cfg, args, n_params, n_train, t_eq, elapse
         for r in summary
         if not r["method"].startswith("HF")
     ]
+    adam = next(r for r in summary if r["method"].startswith("Adam"))
+    adam_ratio = adam[key] / hf[key]
+    verdict = (
+        "HF is ahead, as published"
+        if adam_ratio > 1
+        else "this disagrees with the published ordering"
+    )
     lines = [
         "# Hessian-free training of a deep autoencoder",
         "",
@@ -624,16 +646,18 @@ def make_report(summary, grids, best, cfg, args, n_params, n_train, t_eq, elapse
         "## Finding",
         "",
         f"- At equal wall-clock ({t_eq:.3g} s, when HF's {cfg.hf_steps} steps end), HF's "
-        f"training error is {hf[key]:.3g}; " + "; ".join(baselines) + ".",
+        f"training error is {hf[key]:.3g}; " + "; ".join(baselines) + ". A run that ended "
+        "before that time counts with its final error (more time would only lower it).",
         "- Ablation (training error at the same time; above 1 x HF: the ingredient helps): "
         + "; ".join(ablation)
         + ".",
         "- Martens (2010) reports HF well ahead of first-order training on deep autoencoders "
         "(CURVES, MNIST, FACES: about 1e6 parameters, logistic units, tens of thousands of "
-        "images, hours of training). Here the network and the data set are small, the units "
-        "are tanh with LeCun initialisation (which first-order methods handle well), and "
-        "Adam is a stronger baseline than the momentum methods of 2010: see the numbers above "
-        "for whether the published ordering holds at this scale.",
+        f"images, hours of training). Here, at equal time, Adam's error is {adam_ratio:.2g} "
+        f"times HF's: {verdict}. The network and the data set are small, the units are tanh "
+        "with LeCun initialisation (which first-order methods handle well), Adam is a "
+        "stronger baseline than the momentum methods of 2010, and each HF step is capped at "
+        f"{cfg.cg_max_steps} CG iterations (Martens: 250).",
     ]
     return "\n".join(lines) + "\n"
 
