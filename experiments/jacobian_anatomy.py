@@ -115,6 +115,7 @@ def anatomy(seed: int) -> dict:
         "loss": float(loss),
         "xs": np.asarray(batch[0]).reshape(-1),
         "fd_col": cols_fd,
+        "rows": rows,
         "err_rows": float(np.max(np.abs(rows - J)) / scale),
         "err_cols_jvp": float(np.max(np.abs(cols_jvp - J)) / scale),
         "err_cols_fd": float(np.max(np.abs(cols_fd - J)) / scale),
@@ -264,7 +265,10 @@ def plot_anatomy(a: dict, path: Path) -> None:
     fig.colorbar(im, ax=ax, fraction=0.04)
 
     ax = axes[0, 1]
-    ax.bar(range(len(labels)), J[row_i], color="C0")
+    ax.bar(range(len(labels)), J[row_i], color="C0", label="row of J")
+    ax.plot(range(len(labels)), a["rows"][row_i], "x", color="C1", ms=9, mew=2,
+            label="pb.per_example_grads of r_i")  # fmt: skip
+    ax.legend()
     ax.set_xticks(range(len(labels)), labels, rotation=70, fontsize=8)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_title(f"row {row_i} = gradient of r_{row_i} (example x = {a['xs'][row_i]:+.2f})")
@@ -312,7 +316,7 @@ def plot_spectra(specs: list[dict], path: Path) -> None:
     ax.set_xlabel("index i (sorted, largest first)")
     ax.set_ylabel("NTK eigenvalue / largest  (= sigma_i(J)^2 / sigma_1^2)")
     ax.set_title(
-        "Spectrum of the NTK J J^T, 1-H-1 tanh MLP, N=64 points\n"
+        f"Spectrum of the NTK J J^T, 1-H-1 tanh MLP, N={specs[0]['N']} points\n"
         "(line: median over seeds, band: min..max; dotted: rank bound P when P < N)"
     )
     ax.legend()

@@ -9,9 +9,9 @@ Question
 
 Setup
     One dataset: N = 256 points of y = 1/2 sin(3 pi x) on a grid of x in [-1, 1]; a 1-H-1 tanh
-    MLP (P = 3H + 1) for H from 5 to 4,000 (P from 16 to 12,001); float32; the same data,
-    initialisation (LeCun normal, zero biases; one per seed) and ``pb.regression_residuals``
-    residual function for every method; every method trained by ``pb.fit``. Target: mean squared
+    MLP (P = 3H + 1) for H from 5 to 4,000 (P from 16 to 12,001); float32 (``--x64``: float64);
+    the same data, initialisation (LeCun normal, zero biases; one per seed) and
+    ``pb.regression_residuals`` residual function for every method; every method trained by ``pb.fit``. Target: mean squared
     error 1e-4 (loss 1/2 ||r||^2 <= 0.0128). LM methods get at most 300 trials (Nielsen damping),
     Adam 4,000 steps at the best of a small learning-rate grid (per width, best by median time).
     Compile time is excluded (each configuration is compiled once with ``jit(...).lower().
@@ -33,7 +33,6 @@ Run
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 import os
@@ -87,7 +86,8 @@ def _compiled(residual_fn, params, batch, make_opt, *, max_steps: int, target: f
     exe = jax.jit(run).lower(params, lr, jnp.asarray(target)).compile()
     compile_s = time.perf_counter() - t0
     jax.block_until_ready(exe(params, lr, jnp.asarray(jnp.inf)))
-    return functools.partial(exe, target_loss=jnp.asarray(target)), compile_s
+    target = jnp.asarray(target)
+    return (lambda p, lr: exe(p, lr, target)), compile_s
 
 
 def _time_run(exe, params, lr) -> tuple[object, float]:
@@ -250,8 +250,9 @@ def _slope(summary: list[dict], method: str, key: str, p_min: float) -> float | 
 
 def plot(summary: list[dict], rows: list[dict], cfg: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.4))
     ps = sorted({r["P"] for r in summary})
     for method in METHODS:
         s = [r for r in summary if r["method"] == method and "step_ms (median)" in r]
@@ -259,23 +260,30 @@ def plot(summary: list[dict], rows: list[dict], cfg: dict, path: Path) -> None:
             axes[0].plot([r["P"] for r in s], [r["step_ms (median)"] for r in s], "o-",
                          color=COLORS[method], label=method)  # fmt: skip
         for ax, key in ((axes[1], "time_to_target_s"), (axes[2], "steps")):
-            pts = [r for r in rows if r["method"] == method and r.get("reached")]
             by_p = {}
-            for r in pts:
-                by_p.setdefault(r["P"], []).append(r[key])
+            for r in rows:
+                if r["method"] == method and r.get("reached"):
+                    by_p.setdefault(r["P"], []).append(r[key])
             if by_p:
                 xp = sorted(by_p)
-                med = [np.median(by_p[p]) for p in xp]
-                lo = [med[i] - min(by_p[p]) for i, p in enumerate(xp)]
-                hi = [max(by_p[p]) - med[i] for i, p in enumerate(xp)]
+                med = np.array([np.median(by_p[p]) for p in xp])
+                lo = med - np.array([min(by_p[p]) for p in xp])
+                hi = np.array([max(by_p[p]) for p in xp]) - med
                 ax.errorbar(xp, med, yerr=[lo, hi], fmt="o-", color=COLORS[method],
                             capsize=3, label=method)  # fmt: skip
-            missed = sorted({r["P"] for r in rows if r["method"] == method
-                             and r.get("status") == "ok" and not r.get("reached")})  # fmt: skip
+    # Second pass, once the data have set the axes: mark the widths where no seed of a method
+    # reached the target with an x on the top edge.
+    for ax in axes[1:]:
+        top = ax.get_ylim()[1]
+        for method in METHODS:
+            tried = {r["P"] for r in rows if r["method"] == method and r.get("status") == "ok"}
+            hit = {r["P"] for r in rows if r["method"] == method and r.get("reached")}
+            missed = sorted(tried - hit)
             if missed:
-                top = ax.get_ylim()[1] if ax.has_data() else 1.0
-                ax.plot(missed, [top] * len(missed), "x", color=COLORS[method], ms=10, mew=2)
-    # Reference slopes through the first dual and primal points.
+                ax.plot(missed, [top] * len(missed), "x", color=COLORS[method], ms=10, mew=2,
+                        clip_on=False, label=f"{method}: not reached")  # fmt: skip
+        ax.set_ylim(top=top)
+    # Reference slopes through the middle primal and dual points.
     for method, power, style in (("primal LM", 3, ":"), ("dual LM", 1, "--")):
         s = [r for r in summary if r["method"] == method and "step_ms (median)" in r]
         if len(s) >= 2:
@@ -283,23 +291,23 @@ def plot(summary: list[dict], rows: list[dict], cfg: dict, path: Path) -> None:
             xs = np.array([ps[0], ps[-1]], float)
             axes[0].plot(xs, t0 * (xs / p0) ** power, style, color="gray", lw=1,
                          label=f"slope P^{power}")  # fmt: skip
-    axes[0].axvline(cfg["n"], color="k", lw=0.8, ls="-.")
-    axes[0].text(cfg["n"] * 1.05, axes[0].get_ylim()[0] * 2, f"P = N = {cfg['n']}", fontsize=8)
+    for ax in axes:
+        ax.axvline(cfg["n"], color="k", lw=0.8, ls="-.", label=f"P = N = {cfg['n']}")
     titles = ("time per step (median over seeds)", "time to target (median, bars: min..max)",
-              "steps to target (LM: trials)")  # fmt: skip
+              "steps to target (LM: trials, rejected ones included)")  # fmt: skip
     ylabels = ("ms per step (compile excluded)", "seconds (compile excluded)", "steps")
     for ax, title, ylabel in zip(axes, titles, ylabels, strict=True):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(ps, [f"{p:,}" for p in ps], fontsize=8, rotation=40)
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("P (parameters), 1-H-1 tanh MLP")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[1].text(0.02, 0.02, "x at top: target not reached by any seed", fontsize=8,
-                 transform=axes[1].transAxes)  # fmt: skip
+        ax.legend(fontsize=7)
     fig.suptitle(
-        f"Width sweep: N = {cfg['n']} points, target MSE {cfg['target_mse']:g}, float32, "
+        f"Width sweep: N = {cfg['n']} points, target MSE {cfg['target_mse']:g}, {cfg['dtype']}, "
         f"{jax.devices()[0].platform}"
     )
     fig.tight_layout()
@@ -336,7 +344,12 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _common.parser(NAME, __doc__, seeds=3).parse_args(argv)
+    parser = _common.parser(NAME, __doc__, seeds=3)
+    parser.add_argument("--x64", action="store_true", help="run in float64 (default float32)")
+    args = parser.parse_args(argv)
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+    dtype = "float64" if args.x64 else "float32"
     _common.use_agg()
     t_start = time.perf_counter()
     if args.quick:
@@ -348,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
                "adam_steps": 4000, "adam_lrs": (3e-3, 1e-2, 3e-2), "short_steps": 4,
                "primal_ttt_max_p": 1600, "primal_max_p": 6500}  # fmt: skip
     cfg["target_mse"] = 1e-4
+    cfg["dtype"] = dtype
     cfg["target"] = 0.5 * cfg["n"] * cfg["target_mse"]
 
     rows = []
@@ -409,8 +423,8 @@ def main(argv: list[str] | None = None) -> None:
 
 {finding}
 Run time: {elapsed:.0f} s ({"--quick" if args.quick else "default settings"}, {args.seeds}
-seeds, device {jax.devices()[0].platform}, {len(cfg["widths"])} widths). Timings on a shared
-machine are noisy: compare ratios within this run.
+seeds, {dtype}, device {jax.devices()[0].platform}, {len(cfg["widths"])} widths). Timings on a
+shared machine are noisy: compare ratios within this run.
 
 ## Summary (medians over seeds; Adam at its best learning rate per width)
 
