@@ -12,12 +12,13 @@ Setup
     MLP (P = 3H + 1) for H from 5 to 4,000 (P from 16 to 12,001); float32 (``--x64``: float64);
     the same data, initialisation (LeCun normal, zero biases; one per seed) and
     ``pb.regression_residuals`` residual function for every method; every method trained by
-    ``pb.fit``. Target: mean squared error 1e-4 (loss 1/2 ||r||^2 <= 0.0128). LM methods get at most 300 trials (Nielsen damping),
-    Adam 4,000 steps at the best of a small learning-rate grid (per width, best by median time).
-    Compile time is excluded (each configuration is compiled once with ``jit(...).lower().
-    compile()``, then run once per seed). Primal LM is run to the target only up to P = 1,600;
-    above that its per-step time is measured on a few steps, and above P = 6,500 it is skipped
-    (one Cholesky costs P^3 / 3 flops, and it would not finish in a few minutes on 2 cores).
+    ``pb.fit``. Target: mean squared error 1e-4 (loss 1/2 ||r||^2 <= 0.0128). LM methods get at
+    most 300 trials (Nielsen damping), Adam 4,000 steps at the best of a small learning-rate grid
+    (per width, best by median time). Compile time is excluded (each configuration is compiled
+    once with ``jit(...).lower().compile()`` and warmed up, then run once per seed). Primal LM
+    is run to the target only up to P = 1,600; above that its per-step time is measured on a
+    few steps, and above P = 6,500 it is skipped (one Cholesky costs P^3 / 3 flops, and it
+    would not finish in a few minutes on 2 cores).
 
 Finding
     See the FINDING block of the report the run writes (results/width_sweep/report.md); every
