@@ -148,8 +148,8 @@ def levenberg_marquardt(
       >>> params = jnp.array([100.0])
       >>> state = opt.init(params)
       >>> step, state = opt.update(None, state, params, residual_fn=residual_fn, batch=None)
-      >>> bool(state.accepted), step.shape
-      (True, (1,))
+      >>> bool(state.accepted), float(step[0])  # the first trial leaves sqrt's domain: NaN
+      (False, 0.0)
     """
     where = "pb.levenberg_marquardt"
     rule, lo, hi = _check_config(solve, damping, scaling, damping_bounds, where=where)
