@@ -271,6 +271,9 @@ def plot(summary: list[dict], rows: list[dict], cfg: dict, path: Path) -> None:
     from matplotlib.ticker import NullLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.4))
+    for ax in axes:  # log scales first, so the limits read below are the final ones
+        ax.set_xscale("log")
+        ax.set_yscale("log")
     ps = sorted({r["P"] for r in summary})
     for method in METHODS:
         s = [r for r in summary if r["method"] == method and "step_ms (median)" in r]
@@ -315,8 +318,6 @@ def plot(summary: list[dict], rows: list[dict], cfg: dict, path: Path) -> None:
               "steps to target (LM: trials, rejected ones included)")  # fmt: skip
     ylabels = ("ms per step (compile excluded)", "seconds (compile excluded)", "steps")
     for ax, title, ylabel in zip(axes, titles, ylabels, strict=True):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
         ax.set_xticks(ps, [f"{p:,}" for p in ps], fontsize=8, rotation=40)
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("P (parameters), 1-H-1 tanh MLP")
