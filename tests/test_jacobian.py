@@ -307,3 +307,19 @@ class TestBadInputs:
     def test_integer_output(self):
         with pytest.raises(TypeError, match="must return one floating-point array"):
             pb.jacobian(lambda p, x: jnp.argmax(p * x), jnp.ones(2), jnp.ones((2, 2)))
+
+
+def test_auto_chunk_size_follows_the_memory_budget():
+    params, apply = random_mlp(jax.random.key(3), [3, 8, 2])
+    xs = jax.random.normal(jax.random.key(4), (20, 3), jnp.float64)
+    full = pb.jacobian(apply, params, xs, chunk_size=None).matrix
+    row_bytes = 2 * sum(leaf.size for leaf in jax.tree.leaves(params)) * 8
+    # Room for J plus five examples' rows: the chunked result is the same J.
+    assert (
+        pb.memory.jacobian_chunk_size(20, 2, row_bytes // 16, jnp.float64, budget=25 * row_bytes)
+        == 5
+    )
+    tight = pb.jacobian(apply, params, xs, memory_budget=25 * row_bytes).matrix
+    np.testing.assert_allclose(tight, full, rtol=1e-13, atol=1e-15)
+    with pytest.raises(pb.memory.MemoryBudgetError, match="at most 4 examples would fit"):
+        pb.jacobian(apply, params, xs, memory_budget=9 * row_bytes)

@@ -153,7 +153,8 @@ def jacobian(
     xs: PyTree,
     *,
     mode: str = "auto",
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = "auto",
+    memory_budget: int | None = None,
 ) -> Jacobian:
     """The Jacobian of ``fn(params, x)`` over the examples ``xs``, shape ``(N*m, P)``.
 
@@ -164,7 +165,11 @@ def jacobian(
       mode: ``"auto"``, ``"per_example"``, ``"fwd"``, ``"rev"`` or ``"structured"`` (see the
         module docstring for what each costs).
       chunk_size: process this many examples at a time to bound the intermediate memory
-        (the output itself is still N*m*P numbers).
+        (the output itself is still N*m*P numbers); ``"auto"`` (default) picks it from
+        ``memory_budget`` (``None``: all at once when that fits); ``None``: all at once.
+      memory_budget: bytes for J and its intermediates; default
+        ``pb.memory.default_budget()`` (half the free memory of the device). When not even the
+        output fits, ``pb.memory.MemoryBudgetError`` says how many examples would.
 
     Returns:
       A :class:`Jacobian` with ``.matrix`` (N*m, P), ``.labels`` (P) and ``.tree``.
@@ -178,16 +183,20 @@ def jacobian(
     """
     if mode not in MODES:
         raise ValueError(f"unknown Jacobian mode {mode!r}; expected one of {MODES}.")
-    if chunk_size is not None and (
+    if chunk_size not in (None, "auto") and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
-        raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}.")
+        raise ValueError(f"chunk_size must be a positive int, 'auto' or None; got {chunk_size!r}.")
     spec = _spec(fn, params, xs, where="pb.jacobian")
     if mode == "auto":
         mode = auto_mode(fn, spec)
     spec = spec._replace(mode=mode)
     flat, unravel = ravel_pytree(params)
     n, m = spec.n_examples, int(np.prod(spec.out_shape))
+    if chunk_size == "auto":
+        from paribus import memory
+
+        chunk_size = memory.jacobian_chunk_size(n, m, flat.size, flat.dtype, budget=memory_budget)
 
     def fn_flat(theta, x):
         return fn(unravel(theta), x).reshape(-1)
