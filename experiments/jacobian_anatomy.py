@@ -28,7 +28,7 @@ Finding
     structured mode cost about the same (within noise: 0.40 vs 0.31 ms at N = 256, 1.3 vs
     1.7 ms at N = 1,024, 412 vs 428 ms at P = 67,329) and scale as N P; reverse mode over the
     batch (N^2 P) ties with them at N <= 16 and is ~170x slower at N = 256 and ~1,000x at
-    N = 1,024; forward mode (N P^2) never wins for one output (10x to 2,600x slower).
+    N = 1,024; forward mode (N P^2) never wins for one output (3x to 2,600x slower).
 
 Run
     python experiments/jacobian_anatomy.py [--quick] [--seeds S] [--out DIR] [--no-progress]
