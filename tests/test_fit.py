@@ -213,3 +213,45 @@ def test_levenberg_marquardt_trains_a_classifier_with_cross_entropy():
     assert np.all(np.diff(hist.loss) <= 1e-12)
     expected = jnp.sum(jax.vmap(loss.value)(logits, labels))
     np.testing.assert_allclose(hist.loss[-1], expected, rtol=1e-12)
+
+
+def test_optax_line_search_runs_inside_fit():
+    """L-BFGS's zoom line search gets value, grad and value_fn, and nothing it cannot use."""
+    params, residual_fn, batch = sine_problem()
+    start = pb.loss(residual_fn, params, batch)
+    result = pb.fit(residual_fn, params, optax.lbfgs(), batch, max_steps=30)
+    assert result.history.loss[-1] < 0.1 * start
+    assert np.all(np.isfinite(result.history.loss))
+
+
+def test_a_declined_first_order_step_is_not_convergence():
+    """A transformation that returns zero updates on odd steps (a rejected trial) runs on."""
+
+    def skip_odd_steps():
+        inner = optax.sgd(0.05)
+
+        def init_fn(params):
+            return (jnp.zeros((), jnp.int32), inner.init(params))
+
+        def update_fn(updates, state, params=None):
+            count, inner_state = state
+            step, inner_state = inner.update(updates, inner_state, params)
+            step = jax.tree.map(lambda s: jnp.where(count % 2 == 1, 0.0, s), step)
+            return step, (count + 1, inner_state)
+
+        return optax.GradientTransformation(init_fn, update_fn)
+
+    params, residual_fn, batch = sine_problem()
+    result = pb.fit(residual_fn, params, skip_odd_steps(), batch, max_steps=20)
+    assert result.stop_reason == "max_steps" and result.steps == 20
+    assert np.all(result.history.step_norm[2::2] == 0)
+
+
+def test_regression_residuals_of_an_mlp_fit_under_strict_rank_promotion():
+    """The structured path (pb.regression_residuals of a pb.nets MLP) under the strict config."""
+    init, apply = pb.nets.mlp([1, 8, 8, 1])
+    xs = jnp.linspace(-1, 1, 6)[:, None]
+    params = init(jax.random.key(0))
+    result = pb.fit(pb.regression_residuals(apply), params, pb.levenberg_marquardt(),
+                    (xs, jnp.sin(3 * xs)), max_steps=60)  # fmt: skip
+    assert result.history.loss[-1] < 1e-10

@@ -6,7 +6,7 @@ Jacobians, the NTK, and Gauss-Newton / Levenberg-Marquardt steps.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from paribus import losses, memory, nets, sharding
+from paribus import curvature, losses, memory, nets, sharding, solvers
 from paribus.curvature import (
     ggn_operator,
     ggn_vector_product,
@@ -23,7 +23,7 @@ from paribus.derivatives import (
     partial,
     per_example_grads,
 )
-from paribus.fit import FitResult, History, fit
+from paribus.fit import STOP_REASONS, FitResult, History, fit
 from paribus.jacobian import Jacobian, jacobian
 from paribus.residuals import (
     PerExample,
@@ -46,6 +46,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "STOP_REASONS",
     "FitResult",
     "GaussNewtonState",
     "History",
@@ -55,6 +56,7 @@ __all__ = [
     "PerExample",
     "__version__",
     "check_jacobian",
+    "curvature",
     "fit",
     "gauss_newton",
     "ggn_operator",
@@ -78,4 +80,5 @@ __all__ = [
     "residual_jtj_diag",
     "residual_ntk",
     "sharding",
+    "solvers",
 ]

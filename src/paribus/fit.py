@@ -83,8 +83,10 @@ def _first_order(ctx, params, state, batch):
     """One step of a first-order optimiser: (updates, new state, value, ||g||, diagnostics)."""
     residual_fn, opt, loss = ctx
     value, grad = _value_and_grad(residual_fn, params, batch, loss)
+    # Only optax's own extras: a line search hands any other extra on to value_fn, which takes
+    # params alone.
     updates, new_state = opt.update(
-        grad, state, params, residual_fn=residual_fn, batch=batch, value=value, grad=grad,
+        grad, state, params, value=value, grad=grad,
         value_fn=lambda p: _model.objective(residual_fn, p, batch, loss),
     )  # fmt: skip
     nan = jnp.full((), jnp.nan, value.dtype)
@@ -122,12 +124,17 @@ def _stop_before(value, gnorm, tols: Tolerances):
     return jnp.where(bad, _CODE["non_finite"], code).astype(jnp.int32)
 
 
-def _stop_after(params, diag, new_state, is_lm: bool, tols: Tolerances):
+def _stop_after(params, diag, new_state, is_lm: bool, first_order: bool, tols: Tolerances):
     lam, _, acc, snorm, _ = diag
     size = optax.tree.norm(params).astype(snorm.dtype)
     # The trial step, accepted or not (MINPACK's xtol test on the radius does the same): once
-    # it cannot move theta in this dtype, nothing more will happen.
-    code = jnp.where(snorm <= tols.step * (size + tols.step), _CODE["step"], 0)
+    # it cannot move theta in this dtype, nothing more will happen. From a first-order rule an
+    # exactly zero update is a declined step (a rejected line-search or HF trial), not
+    # convergence.
+    tiny = snorm <= tols.step * (size + tols.step)
+    if first_order:
+        tiny = tiny & (snorm > 0)
+    code = jnp.where(tiny, _CODE["step"], 0)
     if is_lm:
         stuck = ~acc & (_solver_state(new_state).damping <= lam)
         code = jnp.where(stuck, _CODE["damping_limit"], code)
@@ -159,7 +166,9 @@ def _run(residual_fn, params, opt, batch, indices, tols, *, max_steps, loss, sch
         code = _stop_before(value, gnorm, tols)
         go = code == 0
         hist = _record(hist, k, value, gnorm, diag, go)
-        code = jnp.where(go, _stop_after(params, diag, new_state, is_lm, tols), code)
+        code = jnp.where(
+            go, _stop_after(params, diag, new_state, is_lm, solver is None, tols), code
+        )
         params = _tree_where(go, optax.apply_updates(params, updates), params)
         state = _tree_where(go, new_state, state)
         return k + go.astype(k.dtype), params, state, hist, code

@@ -19,8 +19,9 @@ from paribus import _tree
 from paribus.solvers import _linear, _model
 
 PyTree = Any
-DEFAULT_MEMORY_BUDGET = 1 << 29
-"""Bytes that "auto" lets a dense solve use (J and J^T J, or J J^T) before it picks cg."""
+DEFAULT_MEMORY_BUDGET = None
+"""Bytes that "auto" lets a dense solve use (J and J^T J, or J J^T) before it picks cg; None:
+``pb.memory.default_budget()`` (half the device's free memory), read at trace time."""
 
 DIAGNOSTICS = ("loss", "grad_norm", "trial_damping", "gain_ratio", "accepted", "step_norm")
 
@@ -56,6 +57,10 @@ def check_params(params: PyTree, *, where: str) -> None:
 
 def setup(residual_fn, params, batch, loss, solve, budget, *, where: str):
     """(model, form, flat, unravel): the model at params and the solve form for its sizes."""
+    if budget is None:
+        from paribus import memory
+
+        budget = memory.default_budget()
     require_extras(residual_fn, where=where)
     check_params(params, where=where)
     model = _model.build(residual_fn, params, batch, loss, where=where)

@@ -35,7 +35,7 @@ def gauss_newton(
     *,
     solve: str = "auto",
     loss: Any = None,
-    memory_budget: int = _common.DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = _common.DEFAULT_MEMORY_BUDGET,
     cg_max_steps: int = 50,
     cg_tol: float = 1e-10,
 ) -> optax.GradientTransformationExtraArgs:
@@ -51,7 +51,8 @@ def gauss_newton(
     Args:
       solve: "primal", "qr", "dual", "cg" or "auto" (as in :func:`pb.levenberg_marquardt`).
       loss: None (1/2 ||r||^2) or an ``OutputLoss`` (generalised Gauss-Newton).
-      memory_budget: bytes a dense form may use before "auto" picks cg.
+      memory_budget: bytes a dense form may use before "auto" picks cg; default half the
+        device's free memory (``pb.memory.default_budget()``).
       cg_max_steps, cg_tol: iteration cap and relative residual tolerance of "cg".
 
     Returns:
@@ -90,13 +91,15 @@ def gauss_newton(
             residual_fn, params, batch, loss, solve, memory_budget, where=where
         )
         zero = jnp.zeros((), flat.dtype)
-        delta, _, g = _linear.solve(form, model, zero, None, min_norm=True, cg_options=cg_options)
+        delta, _, gnorm = _linear.solve(
+            form, model, zero, None, min_norm=True, cg_options=cg_options
+        )
         ok = _common.finite(delta)
         delta = jnp.where(ok, delta, 0)
         new_state = GaussNewtonState(
             count=state.count + 1,
             loss=model.value.astype(flat.dtype),
-            grad_norm=jnp.linalg.norm(g).astype(flat.dtype),
+            grad_norm=gnorm.astype(flat.dtype),
             trial_damping=zero,
             gain_ratio=state.gain_ratio,
             accepted=ok,

@@ -100,7 +100,7 @@ def levenberg_marquardt(
     damping_bounds: tuple[float, float] = (1e-20, 1e16),
     scaling_floor: float = 1e-12,
     loss: Any = None,
-    memory_budget: int = _common.DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = _common.DEFAULT_MEMORY_BUDGET,
     cg_max_steps: int = 50,
     cg_tol: float = 1e-10,
     cg_preconditioner: str | None = "jacobi",
@@ -122,7 +122,9 @@ def levenberg_marquardt(
         ill-conditioned float64 problems), "dual" (Cholesky of J D^-1 J^T + lam I, then one
         J^T product; R x R, for R < P), "cg" (matrix-free, Jacobi-preconditioned), or "auto":
         dual when R < P, primal when P is small, cg when the dense form exceeds
-        ``memory_budget`` bytes. Chosen at trace time; its code is ``state.solve_form``.
+        ``memory_budget`` bytes (default: half the device's free memory) or a factorisation
+        would be larger than ``pb.solvers._linear.MAX_DENSE`` on a side. Chosen at trace
+        time; its code is ``state.solve_form``.
       damping: "nielsen", "marquardt" or "trust_region" (see ``paribus.solvers._damping``).
       scaling: "identity" (D = I) or "marquardt" (D = running max of diag(J^T J), MINPACK,
         floored at ``scaling_floor`` times its largest entry).
@@ -194,7 +196,7 @@ def levenberg_marquardt(
         d, running = _scaling(state, model, scaling, scaling_floor)
         lam = _first_damping(state, model, d, lam0) if relative else state.damping
         lam = jnp.clip(lam, lo, hi)
-        delta, jd, g = _linear.solve(form, model, lam, d, min_norm=False, cg_options=cg_options)
+        delta, jd, gnorm = _linear.solve(form, model, lam, d, min_norm=False, cg_options=cg_options)
         ok = _common.finite(delta) & _common.finite(jd)
         delta, jd = jnp.where(ok, delta, 0), jnp.where(ok, jd, 0)
         trial = unravel(flat + delta)
@@ -211,7 +213,7 @@ def levenberg_marquardt(
             radius=radius.astype(state.radius.dtype),
             scale=running,
             loss=model.value.astype(lam.dtype),
-            grad_norm=jnp.linalg.norm(g).astype(lam.dtype),
+            grad_norm=gnorm.astype(lam.dtype),
             trial_damping=lam,
             gain_ratio=rho.astype(lam.dtype),
             accepted=accepted,
