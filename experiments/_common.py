@@ -15,9 +15,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def parser(name: str, description: str, *, seeds: int = 5) -> argparse.ArgumentParser:
@@ -127,3 +129,44 @@ def use_agg() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+
+
+class ProbeState(NamedTuple):
+    inner: Any
+    count: jax.Array
+
+
+class Recorder:
+    """Host-side log of ``(wall time, step, *metrics)`` rows written by :func:`with_probe`."""
+
+    def __init__(self):
+        self.rows: list[tuple] = []
+
+    def __call__(self, k, metrics) -> None:
+        values = np.atleast_1d(np.asarray(metrics, float)).tolist()
+        self.rows.append((time.perf_counter(), int(k), *values))
+
+
+def with_probe(opt, probe_fn, every: int, recorder: Recorder, *, pass_state: bool = False):
+    """Run ``opt`` unchanged; before every ``every``-th step, send ``probe_fn(params)`` (or
+    ``probe_fn(params, opt_state)`` with ``pass_state``) and the step to ``recorder`` on the
+    host. The callback is ordered, so the host timestamps follow the jitted ``pb.fit`` loop as
+    it runs: loss against wall-clock without leaving the loop. The wrapped state contains
+    ``opt``'s, so ``pb.fit`` still finds a Gauss-Newton / LM state inside it."""
+    import optax
+
+    opt = optax.with_extra_args_support(opt)
+
+    def init(params):
+        return ProbeState(opt.init(params), jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None, **extra):
+        def fire():
+            metrics = probe_fn(params, state.inner) if pass_state else probe_fn(params)
+            jax.debug.callback(recorder, state.count, metrics, ordered=True)
+
+        jax.lax.cond(state.count % every == 0, fire, lambda: None)
+        new_updates, inner = opt.update(updates, state.inner, params, **extra)
+        return new_updates, ProbeState(inner, state.count + 1)
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -118,42 +118,6 @@ def minibatch_indices(seed: int, n: int, batch_size: int, epochs: int) -> jax.Ar
 # ----------------------------------------------------------------------------------- the probe
 
 
-class ProbeState(NamedTuple):
-    inner: Any
-    count: jax.Array
-
-
-class Recorder:
-    """Host-side log of (wall time, step, metrics...) written by the probe's callback."""
-
-    def __init__(self):
-        self.rows: list[tuple] = []
-
-    def __call__(self, k, metrics) -> None:
-        self.rows.append((time.perf_counter(), int(k), *np.asarray(metrics, float).tolist()))
-
-
-def with_probe(opt, probe_fn, every: int, recorder: Recorder):
-    """Run ``opt`` unchanged; before every ``every``-th step, send ``probe_fn(params)`` and the
-    step to ``recorder`` on the host (an ordered ``jax.debug.callback``, so the host timestamps
-    follow the jitted loop as it runs). The wrapped state contains ``opt``'s, so ``pb.fit``
-    still finds a Gauss-Newton / LM state inside it."""
-    opt = optax.with_extra_args_support(opt)
-
-    def init(params):
-        return ProbeState(opt.init(params), jnp.zeros((), jnp.int32))
-
-    def update(updates, state, params=None, **extra):
-        def fire():
-            jax.debug.callback(recorder, state.count, probe_fn(params), ordered=True)
-
-        jax.lax.cond(state.count % every == 0, fire, lambda: None)
-        new_updates, inner = opt.update(updates, state.inner, params, **extra)
-        return new_updates, ProbeState(inner, state.count + 1)
-
-    return optax.GradientTransformationExtraArgs(init, update)
-
-
 def probe_fn_for(apply, loss, x_tr, y_tr, x_te, y_te):
     """params -> [mean training loss over all training images, test accuracy]."""
     batched = jax.vmap(apply, (None, 0))
@@ -247,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     params0 = [init(jax.random.key(seed)) for seed in range(args.seeds)]
     n_params = sum(a.size for a in jax.tree.leaves(params0[0]))
     _, _, probe_cost_s = _common.timed(probe, params0[0], repeats=20)
-    recorder = Recorder()
+    recorder = _common.Recorder()
     steps_per_epoch = x_tr.shape[0] // cfg.batch_size
 
     methods = methods_for(cfg, loss)
     # one probed optimiser per method, reused across seeds: pb.fit compiles once per method
-    probed = [with_probe(m.opt, probe, steps_per_epoch if m.minibatch else 1, recorder)
+    probed = [_common.with_probe(m.opt, probe, steps_per_epoch if m.minibatch else 1, recorder)
               for m in methods]  # fmt: skip
     jobs = [(i, seed) for i in range(len(methods)) for seed in range(args.seeds)]
     runs, curves = [], []

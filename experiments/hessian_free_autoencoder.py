@@ -267,43 +267,6 @@ def load(n_train: int | None):
     return jnp.asarray(x_tr), jnp.asarray(x_te)
 
 
-class ProbeState(NamedTuple):
-    inner: Any
-    count: jax.Array
-
-
-class Recorder:
-    """Host-side log of (wall time, step, metrics...) written by the probe's callback."""
-
-    def __init__(self):
-        self.rows: list[tuple] = []
-
-    def __call__(self, k, metrics) -> None:
-        self.rows.append((time.perf_counter(), int(k), *np.asarray(metrics, float).tolist()))
-
-
-def with_probe(opt, probe_fn, every: int, recorder: Recorder):
-    """Run ``opt`` unchanged; before every ``every``-th step, send
-    ``probe_fn(params, opt_state)`` and the step to ``recorder`` on the host (an ordered
-    ``jax.debug.callback``: the host timestamps follow the jitted loop as it runs). The wrapped
-    state contains ``opt``'s, so ``pb.fit`` still finds an LM state inside it."""
-    opt = optax.with_extra_args_support(opt)
-
-    def init(params):
-        return ProbeState(opt.init(params), jnp.zeros((), jnp.int32))
-
-    def update(updates, state, params=None, **extra):
-        def fire():
-            metrics = probe_fn(params, state.inner)
-            jax.debug.callback(recorder, state.count, metrics, ordered=True)
-
-        jax.lax.cond(state.count % every == 0, fire, lambda: None)
-        new_updates, inner = opt.update(updates, state.inner, params, **extra)
-        return new_updates, ProbeState(inner, state.count + 1)
-
-    return optax.GradientTransformationExtraArgs(init, update)
-
-
 METRICS = ("train_error", "test_error", "damping", "cg_steps", "gain_ratio", "backtracked")
 
 
@@ -452,15 +415,18 @@ def main(argv: list[str] | None = None) -> int:
     params0 = [init(jax.random.key(seed)) for seed in range(args.seeds)]
     n_params = sum(a.size for a in jax.tree.leaves(params0[0]))
     _, _, probe_cost_s = _common.timed(probe, params0[0], None, repeats=10)
-    recorder = Recorder()
+    recorder = _common.Recorder()
     steps_per_epoch = x_tr.shape[0] // cfg.batch_size
 
     methods = methods_for(cfg)
     # one probed optimiser per method, reused across seeds: pb.fit compiles once per method
     # first-order steps cost less than a probe (both error sums over all 1,797 images): probe
     # them every 10 epochs, so that the subtracted probe cost stays small against the run
-    probed = [with_probe(m.opt, probe, 10 * steps_per_epoch if m.minibatch else 1, recorder)
-              for m in methods]  # fmt: skip
+    probed = [
+        _common.with_probe(m.opt, probe, 10 * steps_per_epoch if m.minibatch else 1, recorder,
+                           pass_state=True)
+        for m in methods
+    ]  # fmt: skip
     runs, curves = [], []
 
     def best_rate(name: str) -> float:

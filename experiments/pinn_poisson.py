@@ -204,42 +204,6 @@ def ravel_dtype(params) -> Any:
     return jnp.result_type(*jax.tree.leaves(params))
 
 
-class ProbeState(NamedTuple):
-    inner: Any
-    count: jax.Array
-
-
-class Recorder:
-    """Host-side log of (wall time, step, metric) written by the probe's callback."""
-
-    def __init__(self):
-        self.rows: list[tuple[float, int, float]] = []
-
-    def __call__(self, k, value) -> None:
-        self.rows.append((time.perf_counter(), int(k), float(value)))
-
-
-def with_probe(opt, probe_fn, every: int, recorder: Recorder):
-    """Run ``opt`` unchanged; before every ``every``-th step, send ``probe_fn(params)`` and the
-    step to ``recorder`` on the host (an ordered ``jax.debug.callback``, so the host timestamps
-    follow the jitted loop as it runs). The wrapped state contains ``opt``'s, so ``pb.fit``
-    still finds a Gauss-Newton / LM state inside it."""
-    opt = optax.with_extra_args_support(opt)
-
-    def init(params):
-        return ProbeState(opt.init(params), jnp.zeros((), jnp.int32))
-
-    def update(updates, state, params=None, **extra):
-        def fire():
-            jax.debug.callback(recorder, state.count, probe_fn(params), ordered=True)
-
-        jax.lax.cond(state.count % every == 0, fire, lambda: None)
-        new_updates, inner = opt.update(updates, state.inner, params, **extra)
-        return new_updates, ProbeState(inner, state.count + 1)
-
-    return optax.GradientTransformationExtraArgs(init, update)
-
-
 # ---------------------------------------------------------------------------------- the runs
 
 
@@ -288,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     params0 = [init(jax.random.key(seed)) for seed in range(args.seeds)]
     n_params = sum(a.size for a in jax.tree.leaves(params0[0]))
     _, _, probe_cost_s = _common.timed(rel_err, params0[0], repeats=20)
-    recorder = Recorder()
+    recorder = _common.Recorder()
 
     # (method, learning rate or None, optimiser, max steps, probe every); one probed optimiser
     # object per method, reused across seeds, so pb.fit compiles once per method.
@@ -300,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ] + [
         ("Adam", lr, optax.adam(lr), cfg.adam_steps, cfg.adam_probe_every) for lr in cfg.adam_rates
     ]
-    probed = [with_probe(opt, rel_err, every, recorder) for _, _, opt, _, every in methods]
+    probed = [_common.with_probe(opt, rel_err, every, recorder) for _, _, opt, _, every in methods]
 
     runs, curves, finals = [], [], {}
 

@@ -83,11 +83,15 @@ def _first_order(ctx, params, state, batch):
     """One step of a first-order optimiser: (updates, new state, value, ||g||, diagnostics)."""
     residual_fn, opt, loss = ctx
     value, grad = _value_and_grad(residual_fn, params, batch, loss)
-    # Only optax's own extras: a line search hands any other extra on to value_fn, which takes
-    # params alone.
+
+    # value_fn names residual_fn and batch as keywords: optax's line searches hand every extra
+    # they do not use themselves on to value_fn and refuse names it does not take.
+    def value_fn(p, residual_fn=residual_fn, batch=batch):
+        return _model.objective(residual_fn, p, batch, loss)
+
     updates, new_state = opt.update(
-        grad, state, params, value=value, grad=grad,
-        value_fn=lambda p: _model.objective(residual_fn, p, batch, loss),
+        grad, state, params, residual_fn=residual_fn, batch=batch, value=value, grad=grad,
+        value_fn=value_fn,
     )  # fmt: skip
     nan = jnp.full((), jnp.nan, value.dtype)
     snorm = optax.tree.norm(updates).astype(value.dtype)
