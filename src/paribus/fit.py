@@ -291,8 +291,10 @@ def fit(
     ``OutputLoss``) L = sum_i loss.value(z_i, t_i) with ``(z, t) = residual_fn(params, batch)``.
     A Gauss-Newton / LM ``opt`` (alone or inside ``optax.chain``) receives
     ``residual_fn`` and ``batch`` as extras and zeros as incoming updates (pass the same
-    ``loss`` to it); any other optax transformation receives the gradient of L, and the extras
-    ``value``, ``grad`` and ``value_fn`` (for optax line searches).
+    ``loss`` to it); any other optax transformation receives the gradient of L and the extras
+    ``value``, ``grad``, ``value_fn`` (for optax line searches), ``residual_fn`` and ``batch``
+    (for transformations of your own, e.g. a Hessian-free step). An exactly zero update from
+    such a transformation is a declined step, not convergence.
 
     Stopping, checked on every step k on the loss L_k and gradient g_k at the current params:
     ``||g_k|| <= grad_tol`` ("gradient"), ``L_k <= target_loss`` ("target_loss"), L_k or g_k
