@@ -170,3 +170,29 @@ def with_probe(opt, probe_fn, every: int, recorder: Recorder, *, pass_state: boo
         return new_updates, ProbeState(inner, state.count + 1)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def median(values) -> float:
+    """The median of ``values`` as a Python float."""
+    return float(np.median(np.asarray(values, float)))
+
+
+def seed_median(curves: np.ndarray) -> np.ndarray:
+    """Per-iteration median over seeds (rows) of loss curves padded with non-finite values, shown
+    only while at least half the seeds still run (else it jumps as runs stop)."""
+    import warnings
+
+    finite = np.isfinite(curves)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
+        med = np.nanmedian(np.where(finite, curves, np.nan), axis=0)
+    return np.where(finite.sum(0) * 2 >= len(curves), med, np.nan)
+
+
+def minibatch_indices(seed: int, n: int, batch_size: int, epochs: int) -> jax.Array:
+    """(epochs * (n // batch_size), batch_size): a fresh permutation of the examples per epoch."""
+    rng = np.random.default_rng(1000 + seed)
+    per_epoch = n // batch_size
+    rows = [rng.permutation(n)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
+            for _ in range(epochs)]  # fmt: skip
+    return jnp.asarray(np.concatenate(rows), jnp.int32)

@@ -106,15 +106,6 @@ def load(n_train: int | None):
     )
 
 
-def minibatch_indices(seed: int, n: int, batch_size: int, epochs: int) -> jax.Array:
-    """(epochs * (n // batch_size), batch_size): a fresh permutation of the examples per epoch."""
-    rng = np.random.default_rng(1000 + seed)
-    per_epoch = n // batch_size
-    rows = [rng.permutation(n)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
-            for _ in range(epochs)]  # fmt: skip
-    return jnp.asarray(np.concatenate(rows), jnp.int32)
-
-
 # ----------------------------------------------------------------------------------- the probe
 
 
@@ -168,7 +159,7 @@ def run_one(method: Method, probed, residual_fn, loss, params0, data, seed, cfg,
     n = x_tr.shape[0]
     recorder.rows.clear()
     if method.minibatch:
-        idx = minibatch_indices(seed, n, cfg.batch_size, method.epochs)
+        idx = _common.minibatch_indices(seed, n, cfg.batch_size, method.epochs)
         k_max = int(idx.shape[0])
         # one step more than counted, so that the probe before it records the final point
         result = pb.fit(residual_fn, params0, probed, (x_tr, y_tr), max_steps=k_max + 1,
@@ -190,10 +181,6 @@ def run_one(method: Method, probed, residual_fn, loss, params0, data, seed, cfg,
         t_end = last_t + (result.steps - last_k) * last_t / max(last_k, 1)
         curve.append((t_end, result.steps, result.steps * per_step_epochs, tl, acc))
     return curve, result
-
-
-def median(values) -> float:
-    return float(np.median(np.asarray(values, float)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     grids = {}
     for name in ("Adam", "SGD+momentum"):
         rs = [r for r in runs if r["method"] == name]
-        grids[name] = {lr: median([r["train_loss"] for r in rs if r["lr"] == lr])
+        grids[name] = {lr: _common.median([r["train_loss"] for r in rs if r["lr"] == lr])
                        for lr in dict.fromkeys(r["lr"] for r in rs)}  # fmt: skip
         best[name] = min(grids[name], key=grids[name].get)
     shown = [r for r in runs if r["method"] not in best or r["lr"] == best[r["method"]]]
@@ -279,25 +266,25 @@ def summarise(shown, curves, best) -> list[dict]:
         rows.append(
             {
                 "method": label,
-                "epochs": median([r["epochs"] for r in rs]),
-                "seconds": median([r["seconds"] for r in rs]),
-                "s / epoch": median([r["seconds"] / r["epochs"] for r in rs]),
-                "final train loss": median([r["train_loss"] for r in rs]),
-                "final test acc.": median([r["test_accuracy"] for r in rs]),
-                "best test acc.": median([r["best_test_accuracy"] for r in rs]),
-                "s to train loss 0.05": median(
+                "epochs": _common.median([r["epochs"] for r in rs]),
+                "seconds": _common.median([r["seconds"] for r in rs]),
+                "s / epoch": _common.median([r["seconds"] / r["epochs"] for r in rs]),
+                "final train loss": _common.median([r["train_loss"] for r in rs]),
+                "final test acc.": _common.median([r["test_accuracy"] for r in rs]),
+                "best test acc.": _common.median([r["best_test_accuracy"] for r in rs]),
+                "s to train loss 0.05": _common.median(
                     [first_time(c, "train_loss", lambda v: v <= 0.05) for c in cs]
                 ),
-                "epochs to train loss 0.05": median(
+                "epochs to train loss 0.05": _common.median(
                     [
                         min([c["epoch"] for c in cc if c["train_loss"] <= 0.05], default=np.inf)
                         for cc in cs
                     ]
                 ),  # fmt: skip
-                "s to 95% test acc.": median(
+                "s to 95% test acc.": _common.median(
                     [first_time(c, "test_accuracy", lambda v: v >= 0.95) for c in cs]
                 ),
-                "accepted": median([r["accepted_fraction"] for r in rs]),
+                "accepted": _common.median([r["accepted_fraction"] for r in rs]),
             }
         )
     return rows

@@ -30,7 +30,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -328,11 +327,8 @@ def plot_curves(best: dict, target: float, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
     for method, b in best.items():
         losses = b["losses"]  # (S, T)
-        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
         k = np.arange(losses.shape[1])
-        med = np.nanmedian(np.where(np.isfinite(losses), losses, np.nan), axis=0)
-        # The median only while at least half the seeds still run (else it jumps).
-        med = np.where(np.isfinite(losses).sum(0) * 2 >= len(losses), med, np.nan)
+        med = _common.seed_median(losses)
         lr = "" if math.isnan(b["lr"]) else f" (lr {b['lr']:g})"
         for ax, xs in ((axes[0], k + 1), (axes[1], (k + 1) * b["per_step"])):
             for row in losses:

@@ -46,7 +46,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -387,10 +386,7 @@ def plot(best: dict, target: float, path: Path) -> None:
     for method, b in best.items():
         losses = np.minimum(2 * b["losses"], 1e4)  # SSE; diverged runs drawn at 1e4
         k = np.arange(losses.shape[1])
-        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
-        med = np.nanmedian(np.where(np.isfinite(losses), losses, np.nan), axis=0)
-        # The median only while at least half the seeds still run (else it jumps).
-        med = np.where(np.isfinite(losses).sum(0) * 2 >= len(losses), med, np.nan)
+        med = _common.seed_median(losses)
         lr = "" if math.isnan(b["lr"]) else f" (lr {b['lr']:g})"
         for ax, xs in ((axes[0], k + 1), (axes[1], (k + 1) * b["per_step"])):
             for row in losses:

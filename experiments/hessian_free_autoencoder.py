@@ -327,15 +327,6 @@ def methods_for(cfg: Config) -> list[Method]:
     return out
 
 
-def minibatch_indices(seed: int, n: int, batch_size: int, epochs: int) -> jax.Array:
-    """(epochs * (n // batch_size), batch_size): a fresh permutation of the examples per epoch."""
-    rng = np.random.default_rng(1000 + seed)
-    per_epoch = n // batch_size
-    rows = [rng.permutation(n)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
-            for _ in range(epochs)]  # fmt: skip
-    return jnp.asarray(np.concatenate(rows), jnp.int32)
-
-
 def run_one(m: Method, probed, residual_fn, params0, x_tr, seed, cfg, probe, probe_cost_s,
             recorder):  # fmt: skip
     """One ``pb.fit`` run; returns the probe curve [(seconds, step, metrics...)] and the
@@ -343,7 +334,7 @@ def run_one(m: Method, probed, residual_fn, params0, x_tr, seed, cfg, probe, pro
     recorder.rows.clear()
     batch = (x_tr, x_tr)
     if m.minibatch:
-        idx = minibatch_indices(seed, x_tr.shape[0], cfg.batch_size, m.steps_or_epochs)
+        idx = _common.minibatch_indices(seed, x_tr.shape[0], cfg.batch_size, m.steps_or_epochs)
         k_max = int(idx.shape[0])
         # one step more than counted, so that the probe before it records the final point
         result = pb.fit(residual_fn, params0, probed, batch, max_steps=k_max + 1,
@@ -377,10 +368,6 @@ def accepted_fraction(m: Method, result, rows) -> float:
     if m.lr is None:
         return float(np.mean(np.asarray(result.history.accepted[1:], bool)))
     return float("nan")
-
-
-def median(values) -> float:
-    return float(np.median(np.asarray(values, float)))
 
 
 def error_at(curve, t: float) -> float:
@@ -496,13 +483,13 @@ def summarise(shown, curves, best):
         rows.append(
             {
                 "method": label,
-                "steps": median([r["steps"] for r in rs]),
-                "seconds": median([r["seconds"] for r in rs]),
-                "final train error": median([r["train_error"] for r in rs]),
-                "final test error": median([r["test_error"] for r in rs]),
-                f"train error at {t_eq:.3g} s": median(at_eq),
-                "mean CG steps": median([r["mean_cg_steps"] for r in rs]),
-                "accepted": median([r["accepted_fraction"] for r in rs]),
+                "steps": _common.median([r["steps"] for r in rs]),
+                "seconds": _common.median([r["seconds"] for r in rs]),
+                "final train error": _common.median([r["train_error"] for r in rs]),
+                "final test error": _common.median([r["test_error"] for r in rs]),
+                f"train error at {t_eq:.3g} s": _common.median(at_eq),
+                "mean CG steps": _common.median([r["mean_cg_steps"] for r in rs]),
+                "accepted": _common.median([r["accepted_fraction"] for r in rs]),
             }
         )
     return rows, t_eq

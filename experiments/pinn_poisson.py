@@ -234,10 +234,6 @@ def error_at(curve, t: float) -> float:
     return before[-1] if before else curve[0][2]
 
 
-def median(values) -> float:
-    return float(np.median(np.asarray(values, float)))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = _common.parser(NAME, __doc__.split("\n\n")[0], seeds=3)
     args = p.parse_args(argv)
@@ -304,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     # Adam: the learning rate with the lowest median final error
     adam = [r for r in runs if r["method"] == "Adam"]
     by_lr = {
-        lr: median([r["final_rel_l2"] for r in adam if r["lr"] == lr]) for lr in cfg.adam_rates
+        lr: _common.median([r["final_rel_l2"] for r in adam if r["lr"] == lr])
+        for lr in cfg.adam_rates
     }
     best_lr = min(by_lr, key=by_lr.get)
     shown = [r for r in runs if r["method"] != "Adam" or r["lr"] == best_lr]
@@ -338,7 +335,7 @@ def summarise(shown, curves, best_lr) -> list[dict]:
 
     # equal wall-clock: the end of the shortest run (median over seeds per method)
     names_ = dict.fromkeys(r["method"] for r in shown)
-    t_eq = min(median([r["seconds"] for r in shown if r["method"] == n]) for n in names_)
+    t_eq = min(_common.median([r["seconds"] for r in shown if r["method"] == n]) for n in names_)
     rows = []
     for name in names:
         rs = [r for r in shown if r["method"] == name]
@@ -348,16 +345,16 @@ def summarise(shown, curves, best_lr) -> list[dict]:
         rows.append(
             {
                 "method": name if name != "Adam" else f"Adam (lr {best_lr:g})",
-                "median final rel. L2": median(finals),
+                "median final rel. L2": _common.median(finals),
                 "min": min(finals),
                 "max": max(finals),
-                f"rel. L2 at t = {t_eq:.2g} s": median(at_eq),
-                "median steps": median([r["steps"] for r in rs]),
-                "median seconds": median([r["seconds"] for r in rs]),
-                "s / step": median([r["seconds"] / max(r["steps"], 1) for r in rs]),
-                "s to 1e-3": median([time_to(curve_of(name, s), 1e-3) for s in seeds]),
-                "s to 1e-5": median([time_to(curve_of(name, s), 1e-5) for s in seeds]),
-                "final loss": median([r["final_loss"] for r in rs]),
+                f"rel. L2 at t = {t_eq:.2g} s": _common.median(at_eq),
+                "median steps": _common.median([r["steps"] for r in rs]),
+                "median seconds": _common.median([r["seconds"] for r in rs]),
+                "s / step": _common.median([r["seconds"] / max(r["steps"], 1) for r in rs]),
+                "s to 1e-3": _common.median([time_to(curve_of(name, s), 1e-3) for s in seeds]),
+                "s to 1e-5": _common.median([time_to(curve_of(name, s), 1e-5) for s in seeds]),
+                "final loss": _common.median([r["final_loss"] for r in rs]),
             }
         )
     return rows
