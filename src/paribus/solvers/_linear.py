@@ -108,20 +108,62 @@ def qr(model: Model, lam, d, min_norm: bool):
     return delta, jac @ delta, jnp.linalg.norm(g)
 
 
-def dual(model: Model, lam, d, min_norm: bool):
+class DualOptions(NamedTuple):
+    """Refinement of the float-limited dual solve (see :func:`dual`): at most ``max_steps``
+    preconditioned CG steps, stopped at relative residual ``tol`` (None: sqrt(eps)), taken only
+    when lam is below ``switch`` times the kernel's rounding floor."""
+
+    max_steps: int = 10
+    tol: float | None = None
+    switch: float = 10.0
+
+
+DEFAULT_DUAL = DualOptions()
+
+
+def rounding_floor(kernel: jax.Array) -> jax.Array:
+    """eps * tr(K): the size of the rounding error in a kernel K = J J^T formed in K's dtype.
+
+    Each entry K_ij = sum_k J_ik J_jk is rounded with an error up to about eps sum_k |J_ik J_jk|,
+    a perturbation of spectral norm of order eps ||K|| <= eps tr(K) that is *not* of the form
+    (J + dJ)(J + dJ)^T: eigenvalues of J J^T below it are noise. Measured (float32, 1-1000-1
+    tanh, N = 256): ||K_f32 - K_f64|| = 2.9e-3 against eps tr(K) = 7e-3.
+    """
+    return jnp.finfo(kernel.dtype).eps * jnp.maximum(jnp.trace(kernel), 0)
+
+
+def dual(model: Model, lam, d, min_norm: bool, options: DualOptions = DEFAULT_DUAL):
     """delta = -D^-1 J^T (J D^-1 J^T + lam I)^-1 r: one R x R Cholesky, one J^T product.
 
     The push-through identity makes it equal to the primal step; with D = I it needs only the
     NTK J J^T (structured for ``pb.nets`` networks, never forming J) and a VJP.
+
+    Accuracy (D = I): the kernel formed in floating point carries an error of about
+    eps ||K|| (:func:`rounding_floor`) that squares the conditioning of J: in float32 with
+    ||K|| ~ 6e4, every direction with an NTK eigenvalue under ~1e-2 is noise, and with lam that
+    small the Cholesky step is wrong and its predicted decrease -(K alpha).(r - K alpha / 2)
+    can even come out negative (LM then stalls, rejecting every trial). So when lam is below
+    ``options.switch`` times that floor, the Cholesky of K + max(lam, floor) I only
+    *preconditions* conjugate gradients on (J J^T + lam I) alpha = r with the operator
+    alpha -> J (J^T alpha) + lam alpha from a VJP and a JVP, which are backward stable (their
+    error in a direction of singular value s scales with s, not with ||J||). Those same products
+    give delta = -J^T alpha and J delta = -J J^T alpha, so the predicted decrease is that of the
+    step actually taken. Cost: one VJP and one JVP per refinement step, at most
+    ``options.max_steps``; above the switch, none.
     """
     r = model.r
-    if d is None:
-        kernel = model.ntk()
-    else:
+    if d is not None:
         jac = model.jacobian()
         kernel = (jac / d[None, :]) @ jac.T
+    else:
+        kernel = model.ntk()
     eye = _eye_like(r.shape[0], kernel)
-    alpha = _pinv_solve(kernel, r) if min_norm else _chol_solve(kernel + lam * eye, r)
+    if min_norm:
+        alpha = _pinv_solve(kernel, r)
+    elif d is None:
+        return _dual_refined(model, kernel, lam, options)
+    else:
+        alpha = _chol_solve(kernel + lam * eye, r)
     if d is None:
         # ||g||^2 = ||J^T r||^2 = r^T (J J^T) r from the kernel in hand: one pullback (J^T alpha)
         # per step instead of two.
@@ -130,6 +172,64 @@ def dual(model: Model, lam, d, min_norm: bool):
     else:
         gnorm, delta = jnp.linalg.norm(jac.T @ r), -(jac.T @ alpha) / d
     return delta, -(kernel @ alpha), gnorm
+
+
+def _dual_refined(model: Model, kernel: jax.Array, lam, options: DualOptions):
+    """The D = I dual step of :func:`dual`: Cholesky, refined by PCG when lam is small."""
+    r = model.r
+    lam = jnp.asarray(lam, kernel.dtype)
+    gnorm = jnp.sqrt(jnp.maximum(jnp.vdot(r, kernel @ r), 0))
+    floor = rounding_floor(kernel)
+    shift = jnp.maximum(lam, floor)
+    chol = jnp.linalg.cholesky(kernel + shift * _eye_like(r.shape[0], kernel))
+
+    def precond(s):
+        return jsp.linalg.cho_solve((chol, True), s)
+
+    alpha0 = precond(r)
+
+    def direct():
+        return -model.vjp(alpha0), -(kernel @ alpha0)
+
+    def refined():
+        tol = jnp.sqrt(jnp.finfo(r.dtype).eps) if options.tol is None else options.tol
+        stop = (tol * jnp.linalg.norm(r)) ** 2
+
+        def products(p):
+            jt_p = model.vjp(p)
+            k_p = model.jvp(jt_p)
+            return jt_p, k_p
+
+        w0, u0 = products(alpha0)  # J^T alpha, J J^T alpha
+        s0 = r - u0 - lam * alpha0
+        z0 = precond(s0)
+        init = (jnp.zeros((), jnp.int32), alpha0, w0, u0, s0, z0, z0, jnp.vdot(s0, z0))
+
+        def cond(c):
+            k, s = c[0], c[4]
+            return (k < options.max_steps) & (jnp.vdot(s, s) > stop)
+
+        def body(c):
+            k, alpha, w, u, s, z, p, sz = c
+            jt_p, k_p = products(p)
+            a_p = k_p + lam * p
+            curv = jnp.vdot(p, a_p)
+            step = jnp.where(curv > 0, sz / jnp.where(curv > 0, curv, 1), 0)
+            alpha, w, u = alpha + step * p, w + step * jt_p, u + step * k_p
+            s = s - step * a_p
+            z_new = precond(s)
+            sz_new = jnp.vdot(s, z_new)
+            beta = jnp.where(sz != 0, sz_new / jnp.where(sz != 0, sz, 1), 0)
+            return k + 1, alpha, w, u, s, z_new, z_new + beta * p, sz_new
+
+        _, _, w, u, *_ = jax.lax.while_loop(cond, body, init)
+        return -w, -u
+
+    if options.max_steps == 0:
+        delta, jd = direct()
+    else:
+        delta, jd = jax.lax.cond(lam >= options.switch * floor, direct, refined)
+    return delta, jd, gnorm
 
 
 def cg(model: Model, lam, d, min_norm: bool, options: CGOptions):
@@ -156,8 +256,19 @@ def cg(model: Model, lam, d, min_norm: bool, options: CGOptions):
     return delta, model.jvp(delta), jnp.linalg.norm(g)
 
 
-def solve(form: str, model: Model, lam, d, *, min_norm: bool, cg_options: CGOptions):
+def solve(
+    form: str,
+    model: Model,
+    lam,
+    d,
+    *,
+    min_norm: bool,
+    cg_options: CGOptions,
+    dual_options: DualOptions = DEFAULT_DUAL,
+):
     """Dispatch on the (static) form name; returns (delta, J delta, ||g||)."""
     if form == "cg":
         return cg(model, lam, d, min_norm, cg_options)
-    return {"primal": primal, "qr": qr, "dual": dual}[form](model, lam, d, min_norm)
+    if form == "dual":
+        return dual(model, lam, d, min_norm, dual_options)
+    return {"primal": primal, "qr": qr}[form](model, lam, d, min_norm)

@@ -104,6 +104,7 @@ def levenberg_marquardt(
     cg_max_steps: int = 50,
     cg_tol: float = 1e-10,
     cg_preconditioner: str | None = "jacobi",
+    dual_refine_steps: int = 10,
 ) -> optax.GradientTransformationExtraArgs:
     """Levenberg-Marquardt: one damped Gauss-Newton trial per ``update``, kept if it pays.
 
@@ -137,6 +138,10 @@ def levenberg_marquardt(
         ``paribus.solvers._model``).
       cg_max_steps, cg_tol: iteration cap and relative residual tolerance of "cg".
       cg_preconditioner: "jacobi" (diag(J^T J) + lam D) or None.
+      dual_refine_steps: cap on the preconditioned-CG refinement of the "dual" step (D = I)
+        when lam is within 10x of the kernel's rounding floor eps tr(J J^T), where the
+        Cholesky of a kernel formed in floating point is noise (float32 with large P); each
+        step costs one VJP and one JVP. 0 keeps the bare Cholesky step.
 
     Returns:
       ``optax.GradientTransformationExtraArgs``;
@@ -162,6 +167,9 @@ def levenberg_marquardt(
             f"{where}: unknown cg_preconditioner={cg_preconditioner!r}; expected 'jacobi' or None."
         )
     cg_options = cg_options._replace(jacobi=cg_preconditioner == "jacobi")
+    if int(dual_refine_steps) < 0:
+        raise ValueError(f"{where}: dual_refine_steps must be >= 0; got {dual_refine_steps}.")
+    dual_options = _linear.DualOptions(max_steps=int(dual_refine_steps))
     lam0 = rule.init_damping if init_damping is None else float(init_damping)
     relative = rule.relative if init_damping_relative is None else bool(init_damping_relative)
     if not lam0 > 0:
@@ -196,7 +204,9 @@ def levenberg_marquardt(
         d, running = _scaling(state, model, scaling, scaling_floor)
         lam = _first_damping(state, model, d, lam0) if relative else state.damping
         lam = jnp.clip(lam, lo, hi)
-        delta, jd, gnorm = _linear.solve(form, model, lam, d, min_norm=False, cg_options=cg_options)
+        delta, jd, gnorm = _linear.solve(
+            form, model, lam, d, min_norm=False, cg_options=cg_options, dual_options=dual_options
+        )
         ok = _common.finite(delta) & _common.finite(jd)
         delta, jd = jnp.where(ok, delta, 0), jnp.where(ok, jd, 0)
         trial = unravel(flat + delta)
