@@ -63,10 +63,12 @@ def setup(residual_fn, params, batch, loss, solve, budget, *, where: str):
         budget = memory.default_budget()
     require_extras(residual_fn, where=where)
     check_params(params, where=where)
-    model = _model.build(residual_fn, params, batch, loss, where=where)
     flat, unravel = ravel_pytree(params)
+    n_res = _model.n_residuals(residual_fn, params, batch, loss)
     itemsize = np.dtype(flat.dtype).itemsize
-    form = _linear.choose(solve, model.r.shape[0], flat.size, itemsize, budget)
+    form = _linear.choose(solve, n_res, flat.size, itemsize, budget)
+    # The dual form needs the NTK's factors anyway: r, J v and J^T u come from them too.
+    model = _model.build(residual_fn, params, batch, loss, where=where, factored=form == "dual")
     return model, form, flat, unravel
 
 

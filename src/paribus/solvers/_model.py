@@ -22,15 +22,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from paribus import curvature as _curvature
 from paribus import residuals as _residuals
-
-try:  # B's structured curvature; the dense fallbacks below give the same numbers.
-    from paribus.curvature import residual_jtj_diag as _jtj_diag
-    from paribus.curvature import residual_ntk as _ntk
-except ImportError:  # pragma: no cover - depends on commit order
-    _ntk = _jtj_diag = None
+from paribus import structured as _structured
+from paribus.curvature import residual_jtj_diag as _jtj_diag
+from paribus.curvature import residual_ntk as _ntk
 
 PyTree = Any
 
@@ -86,6 +85,19 @@ def _check(residual_fn, params, batch, *, where: str) -> None:
     _residuals.check_residuals(residual_fn, params, batch, where=where)
 
 
+def n_residuals(residual_fn, params: PyTree, batch: PyTree, loss=None) -> int:
+    """R, the length of r (N m with a loss), from shapes alone (``jax.eval_shape``).
+
+    A malformed output gives 0 here; :func:`build` then raises the error that explains it.
+    """
+    out = jax.eval_shape(residual_fn, params, batch)
+    if loss is not None:
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            return 0
+        out = out[0]
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(out))
+
+
 def objective(residual_fn, params: PyTree, batch: PyTree, loss=None) -> jax.Array:
     """L(theta): 1/2 ||r||^2, or sum_i loss.value(z_i, t_i) with a loss."""
     flat, unravel = ravel_pytree(params)
@@ -95,8 +107,19 @@ def objective(residual_fn, params: PyTree, batch: PyTree, loss=None) -> jax.Arra
     return jnp.sum(jax.vmap(loss.value)(out, t))
 
 
-def build(residual_fn, params: PyTree, batch: PyTree, loss=None, *, where: str) -> Model:
-    """The Gauss-Newton model of L at ``params`` (see the module docstring)."""
+def build(
+    residual_fn, params: PyTree, batch: PyTree, loss=None, *, where: str, factored: bool = False
+) -> Model:
+    """The Gauss-Newton model of L at ``params`` (see the module docstring).
+
+    ``factored=True`` (the dual form asks for it): for a ``pb.nets`` MLP behind
+    ``pb.regression_residuals`` / ``pb.losses.network_outputs``, r and the products with J come
+    from the same per-layer factors as the NTK (:func:`build_from_factors`): one forward and
+    one signal pass per step instead of a linearisation beside them. Other residual functions
+    ignore it.
+    """
+    if factored and _curvature._structured_apply(residual_fn) is not None:
+        return build_from_factors(residual_fn, params, batch, loss, where=where)
     if loss is None:
         _check(residual_fn, params, batch, where=where)
     flat, unravel = ravel_pytree(params)
@@ -110,14 +133,48 @@ def build(residual_fn, params: PyTree, batch: PyTree, loss=None, *, where: str) 
     else:
         r, jvp, vjp, value = _whitened(loss, z, call(flat)[1], z_jvp, z_vjp)
     dense = _memo(lambda: _dense(jvp, vjp, flat, r.shape[0]))
-    if _ntk is not None:  # structured (never forms J) for pb.nets residuals
-        ntk = _memo(lambda: _ntk(residual_fn, params, batch, loss=loss).astype(r.dtype))
-        diag = _memo(lambda: _jtj_diag(residual_fn, params, batch, loss=loss).astype(r.dtype))
-    else:
-        ntk = _memo(lambda: dense() @ dense().T)
-        diag = _memo(lambda: jnp.sum(jnp.square(dense()), axis=0))
+    # Structured (never forms J) for pb.nets residuals, dense otherwise.
+    ntk = _memo(lambda: _ntk(residual_fn, params, batch, loss=loss).astype(r.dtype))
+    diag = _memo(lambda: _jtj_diag(residual_fn, params, batch, loss=loss).astype(r.dtype))
     if loss is None and isinstance(residual_fn, _residuals.PerExample):
         dense = _memo(lambda: _residuals.residual_jacobian(residual_fn, params, batch))
+    return Model(value, r, jvp, vjp, dense, ntk, diag, flat.size)
+
+
+def build_from_factors(residual_fn, params: PyTree, batch: PyTree, loss=None, *, where: str):
+    """:func:`build` for an MLP's residuals, everything from its per-layer factors.
+
+    With A_l the layer inputs and D_l the signals d outputs / d pre-activations (whitened by
+    S with a loss) of ``paribus.structured``: r = outputs - ys (or the whitened residuals of the
+    loss), J v = sum_l D_l (A_l W'_l + b'_l), J^T u = (A_l^T Delta_l, sum_i Delta_l) with
+    Delta_l = u . D_l, K = sum_l (A_l A_l^T + 1) * (D_l D_l^T). The slow twin is :func:`build`
+    without ``factored``; ``tests/test_solvers.py`` compares them.
+    """
+    if loss is None:
+        _check(residual_fn, params, batch, where=where)
+    flat, unravel = ravel_pytree(params)
+    f = _curvature._factors(residual_fn, params, batch, loss)
+    n, m = f.outputs.shape
+    if loss is None:
+        ys = batch[1]
+        r = jax.vmap(lambda z, y: z - y)(f.outputs, ys).reshape(-1)
+        value = 0.5 * jnp.vdot(r, r)
+    else:
+        t = _curvature._targets(residual_fn, params, batch, loss)
+        rw, _ = _curvature._whitening(loss, f.outputs, t)
+        r = rw.reshape(-1).astype(f.outputs.dtype)
+        value = jnp.sum(jax.vmap(loss.value)(f.outputs, t))
+    r = r.astype(flat.dtype)
+
+    def jvp(v):
+        return _structured.jvp(f, unravel(v)).reshape(-1)
+
+    def vjp(u):
+        return ravel_pytree(_structured.vjp(f, u.reshape(n, m).astype(f.outputs.dtype)))[0]
+
+    ntk = _memo(lambda: _structured.ntk(f).astype(r.dtype))
+    diag = _memo(lambda: ravel_pytree(_structured.jtj_diag(f))[0].astype(r.dtype))
+    dense = _memo(lambda: _dense(jvp, vjp, flat, r.shape[0]))
     return Model(value, r, jvp, vjp, dense, ntk, diag, flat.size)
 
 
