@@ -110,8 +110,9 @@ def qr(model: Model, lam, d, min_norm: bool):
 
 class DualOptions(NamedTuple):
     """Refinement of the float-limited dual solve (see :func:`dual`): at most ``max_steps``
-    preconditioned CG steps, stopped at relative residual ``tol`` (None: sqrt(eps)), taken only
-    when lam is below ``switch`` times the kernel's rounding floor."""
+    preconditioned CG steps, stopped at relative residual ``tol`` (None: eps^(1/4), 0.018 in
+    float32 and 1.2e-4 in float64: an inexact LM step, whose predicted decrease stays exact),
+    taken only when lam is below ``switch`` times the kernel's rounding floor."""
 
     max_steps: int = 10
     tol: float | None = None
@@ -192,35 +193,34 @@ def _dual_refined(model: Model, kernel: jax.Array, lam, options: DualOptions):
         return -model.vjp(alpha0), -(kernel @ alpha0)
 
     def refined():
-        tol = jnp.sqrt(jnp.finfo(r.dtype).eps) if options.tol is None else options.tol
+        tol = jnp.finfo(r.dtype).eps ** 0.25 if options.tol is None else options.tol
         stop = (tol * jnp.linalg.norm(r)) ** 2
 
         def products(p):
             jt_p = model.vjp(p)
-            k_p = model.jvp(jt_p)
-            return jt_p, k_p
+            return jt_p, model.jvp(jt_p)  # J^T p, J J^T p
 
-        w0, u0 = products(alpha0)  # J^T alpha, J J^T alpha
+        w0, u0 = products(alpha0)
         s0 = r - u0 - lam * alpha0
-        z0 = precond(s0)
-        init = (jnp.zeros((), jnp.int32), alpha0, w0, u0, s0, z0, z0, jnp.vdot(s0, z0))
+        zero = jnp.zeros((), r.dtype)
+        init = (jnp.zeros((), jnp.int32), alpha0, w0, u0, s0, jnp.zeros_like(r), zero)
 
         def cond(c):
             k, s = c[0], c[4]
             return (k < options.max_steps) & (jnp.vdot(s, s) > stop)
 
         def body(c):
-            k, alpha, w, u, s, z, p, sz = c
+            k, alpha, w, u, s, p, sz = c
+            z = precond(s)
+            sz_new = jnp.vdot(s, z)
+            beta = jnp.where(k > 0, sz_new / jnp.where(sz != 0, sz, 1), 0)
+            p = z + beta * p
             jt_p, k_p = products(p)
             a_p = k_p + lam * p
             curv = jnp.vdot(p, a_p)
-            step = jnp.where(curv > 0, sz / jnp.where(curv > 0, curv, 1), 0)
+            step = jnp.where(curv > 0, sz_new / jnp.where(curv > 0, curv, 1), 0)
             alpha, w, u = alpha + step * p, w + step * jt_p, u + step * k_p
-            s = s - step * a_p
-            z_new = precond(s)
-            sz_new = jnp.vdot(s, z_new)
-            beta = jnp.where(sz != 0, sz_new / jnp.where(sz != 0, sz, 1), 0)
-            return k + 1, alpha, w, u, s, z_new, z_new + beta * p, sz_new
+            return k + 1, alpha, w, u, s - step * a_p, p, sz_new
 
         _, _, w, u, *_ = jax.lax.while_loop(cond, body, init)
         return -w, -u
