@@ -11,7 +11,11 @@ loss at the trial point (what LM needs for its gain ratio). Rows:
 
 - ``batch gradient``: 1/2 ||r||^2 and g = J^T r by one vjp (``pb.loss_and_grad``), the baseline;
 - ``residual NTK``: ``pb.curvature.residual_ntk`` (R, R);
-- ``LM step (paribus, dual)``: one jitted ``pb.levenberg_marquardt(solve="dual").update``;
+- ``LM step (paribus, dual)``: one jitted ``pb.levenberg_marquardt(solve="dual").update``,
+  whose Cholesky step is refined by preconditioned CG (one JVP to check it, then a VJP and a JVP
+  per iteration) when lambda is under 10 eps tr(J J^T), where the formed kernel's rounding
+  could swamp it (float32, large P);
+- ``LM step (paribus, dual, bare Cholesky)``: the same with ``dual_refine_steps=0``;
 - ``LM step (plain JAX, dual)``: the hand-written prototype, the twin the paribus step is held to.
 
 With more than one device visible, the gradient and both LM steps are timed again data-parallel
@@ -97,12 +101,17 @@ def plain_dual_step(apply, params, batch, lam):
     return step, 0.5 * jnp.sum(trial_r**2)
 
 
-def paribus_lm(residual_fn):
-    """One jitted dual LM update of ``pb.levenberg_marquardt``, or None when it is not there."""
+def paribus_lm(residual_fn, refine: int = 10):
+    """One jitted dual LM update of ``pb.levenberg_marquardt``, or None when it is not there.
+
+    ``refine``: ``dual_refine_steps``; 0 is the bare Cholesky step, the prototype's maths.
+    """
     if not hasattr(pb, "levenberg_marquardt"):
         return None, "pb.levenberg_marquardt not available"
     # An absolute lambda, as in the prototype (the default is relative to max diag(J^T J)).
-    opt = pb.levenberg_marquardt(solve="dual", init_damping=DAMPING, init_damping_relative=False)
+    opt = pb.levenberg_marquardt(
+        solve="dual", init_damping=DAMPING, init_damping_relative=False, dual_refine_steps=refine
+    )
 
     def step(params, batch, state):
         return opt.update(None, state, params, residual_fn=residual_fn, batch=batch)
@@ -151,12 +160,25 @@ def time_case(name, sizes, n, ref, *, dtype, repeats, mesh=None):
     if lm is not None:
         opt, step = lm
         methods.append(("LM step (paribus, dual)", step, (opt.init(params),), ref[1]))
+        opt, step = paribus_lm(residual_fn, refine=0)[0]
+        bare = "LM step (paribus, dual, bare Cholesky)"
+        methods.append((bare, step, (opt.init(params),), ref[1]))
     plain = lambda p, b: plain_dual_step(apply, p, b, DAMPING)  # noqa: E731
     methods.append(("LM step (plain JAX, dual)", plain, (), ref[1]))
 
     rows, grad_s = [], None
+    switch = None
+    if mesh is None:  # does the default paribus step refine here? (lam < 10 eps tr(K))
+        from paribus.solvers import _linear
+
+        kernel = jax.jit(pb.curvature.residual_ntk, static_argnums=0)(residual_fn, params, batch)
+        switch = float(10 * _linear.rounding_floor(kernel))
+        del kernel
     for method, fn, extra, ref_ms in methods:
         row = base | {"method": method}
+        if switch is not None and method == "LM step (paribus, dual)":
+            mode = "checked, refined if need be" if DAMPING < switch else "bare"
+            row["method"] += f" [10 eps tr K = {switch:.2g}: {mode}]"
         try:
             t = _measure(fn, (params, batch, *extra), repeats)
         except Exception as err:  # noqa: BLE001 - a failed method is a row, not a lost run

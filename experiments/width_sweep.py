@@ -22,17 +22,22 @@ Setup
 
 Finding
     The report (results/width_sweep/report.md) holds the numbers of the run that wrote it. A
-    default run on the shared 2-core CPU (3 seeds, float32, 414 s) gave: primal LM is the
-    cheapest step below P ~ 240 (about N = 256) and loses above: its step time grows with a
-    fitted slope of 2.2 in P (P^3 predicted once the Cholesky dominates) and is 360x the dual
-    step at P = 6,001 (3.6 s against 10 ms), while the dual step's slope is 0.4 (P^1 at most,
-    at fixed N). Time to target tells the same story up to P = 901 (primal 12x slower there).
-    But in float32 the dual LM stalls above P ~ 3,000 at 2x..4x the target loss (every trial
-    rejected, damping at its limit; in float64 it reaches the target, e.g. 109 trials at
-    P = 3,001): the float32 NTK's rounding (relative 1e-6 of its largest eigenvalue, ~5e4) swamps
-    the small-eigenvalue directions. Matrix-free CG Gauss-Newton reaches the target at every
-    width (9.4 s at P = 12,001); Adam, 10x to 50x cheaper per step, reaches it only at
-    P = 31..91 within 4,000 steps, slower than dual LM there.
+    default run on the idle 2-core CPU (3 seeds, float32, 122 s, 2026-11-26) gave: primal LM is
+    the cheapest step below P ~ 250 (about N = 256) and loses above: its step time grows with a
+    fitted slope of 2.4 in P (P^3 predicted once the Cholesky dominates) and is 190x the dual
+    step at P = 6,001 (1.1 s against 5.8 ms), while the dual step's slope is 0.7 (P^1 at most,
+    at fixed N). Time to target tells the same story up to P = 901 (primal 6.8x slower there).
+    Dual LM reaches the target on 3/3 seeds at every width, in 46-77 trials, and is the fastest
+    method to the target from P = 901 up (0.84 s at P = 12,001, against 3.4 s for matrix-free
+    CG Gauss-Newton, which also gets there everywhere). Adam, 20x cheaper per step, reaches it
+    only at P = 31..91 within 4,000 steps.
+
+    Before the dual step was refined (``dual_refine_steps``), float32 dual LM stalled above
+    P ~ 3,000 at 2x..4x the target, every trial rejected: the float32 NTK's rounding, about
+    eps ||K|| ~ 7e-3 here, is larger than 243 of its 256 eigenvalues, so the bare Cholesky step
+    of K + lam I is noise at the small lam the last digits of the fit need (float64 reached the
+    target, in 109 trials at P = 3,001). Now, when lam < 10 eps tr(K), that Cholesky only
+    preconditions CG on the backward-stable products J (J^T alpha).
 
 Run
     python experiments/width_sweep.py [--quick] [--seeds S] [--out DIR] [--no-progress]
