@@ -185,6 +185,30 @@ def test_float32_dual_step_resolves_kernel_directions_below_its_rounding():
     assert err["bare"] > 1e-2 and err["refined"] < 1e-3, err
 
 
+def test_matmul_eps_follows_platform_and_precision_setting():
+    """The kernel's rounding floor uses the precision XLA computes float32 products in."""
+    eps32, eps64 = float(np.finfo(np.float32).eps), float(np.finfo(np.float64).eps)
+    f32, f64 = jnp.float32, jnp.float64
+    cases = [
+        (f32, "cpu", None, eps32),
+        (f32, "gpu", None, 2.0**-10),  # TF32 tensor cores
+        (f32, "gpu", "highest", eps32),
+        (f32, "gpu", "F32_F32_F32", eps32),
+        (f32, "gpu", "bfloat16", 2.0**-7),
+        (f32, "tpu", None, 2.0**-7),  # one bfloat16 pass
+        (f32, "tpu", "high", 2.0**-16),
+        (f32, "tpu", "float32", eps32),
+        (f64, "gpu", None, eps64),
+        (f64, "tpu", "bfloat16", eps64),
+    ]
+    for dtype, platform, setting, want in cases:
+        got = _linear.matmul_eps(dtype, platform, setting)
+        assert got == want, (dtype, platform, setting, got, want)
+    assert _linear.matmul_eps(f32) == eps32  # this machine: CPU
+    with jax.default_matmul_precision("bfloat16"):
+        assert _linear.matmul_eps(f32, "gpu") == 2.0**-7
+
+
 def test_float32_dual_lm_reaches_target_where_kernel_rounding_stalled_it():
     """The width-sweep failure: float32 dual LM on 1-1000-1 tanh (P = 3,001), N = 256, stalled
     at ~2x the target (MSE 1e-4) with the bare Cholesky step; refined, it reaches it."""

@@ -132,15 +132,47 @@ class DualOptions(NamedTuple):
 DEFAULT_DUAL = DualOptions()
 
 
+# Machine epsilon of the reduced-precision arithmetic XLA may use for float32 matmuls: TF32 keeps
+# 10 mantissa bits, bfloat16 7, three bfloat16 passes about 16 (JAX's matmul-precision guide).
+_TF32, _BF16, _BF16_3X = 2.0**-10, 2.0**-7, 2.0**-16
+_FULL = ("highest", "float32", "F32_F32_F32")
+
+
+def matmul_eps(dtype, platform: str | None = None, setting: str | None = None) -> float:
+    """Relative rounding of a matrix product of ``dtype`` inputs as XLA will compute it.
+
+    float32 products on GPUs and TPUs are by default computed in reduced precision (TF32 on
+    NVIDIA tensor cores, one bfloat16 pass on TPU) unless ``jax_default_matmul_precision`` asks
+    for "highest" / "float32"; every other dtype, and any product on a CPU, rounds at
+    ``finfo(dtype).eps``. ``platform`` (default ``jax.default_backend()``) and ``setting``
+    (default the config value) are read at trace time.
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    if jnp.dtype(dtype) != jnp.float32:
+        return eps
+    platform = jax.default_backend() if platform is None else platform
+    if setting is None:
+        setting = jax.config.jax_default_matmul_precision
+    setting = "default" if setting is None else str(setting)
+    if platform == "cpu" or setting in _FULL:
+        return eps
+    if setting in ("bfloat16", "fastest") or setting.startswith("BF16_BF16"):
+        return _BF16
+    if platform == "tpu":
+        return _BF16_3X if setting in ("high", "tensorfloat32", "bfloat16_3x") else _BF16
+    return _TF32  # GPUs: "default", "high", "tensorfloat32", TF32 presets
+
+
 def rounding_floor(kernel: jax.Array) -> jax.Array:
-    """eps * tr(K): the size of the rounding error in a kernel K = J J^T formed in K's dtype.
+    """eps * tr(K): the size of the rounding error in a kernel K = J J^T as it was formed.
 
     Each entry K_ij = sum_k J_ik J_jk is rounded with an error up to about eps sum_k |J_ik J_jk|,
     a perturbation of spectral norm of order eps ||K|| <= eps tr(K) that is *not* of the form
     (J + dJ)(J + dJ)^T: eigenvalues of J J^T below it are noise. Measured (float32, 1-1000-1
-    tanh, N = 256): ||K_f32 - K_f64|| = 2.9e-3 against eps tr(K) = 7e-3.
+    tanh, N = 256, CPU): ||K_f32 - K_f64|| = 2.9e-3 against eps tr(K) = 7e-3. eps is
+    :func:`matmul_eps`: 2^-10 for float32 on a GPU at JAX's default matmul precision (TF32).
     """
-    return jnp.finfo(kernel.dtype).eps * jnp.maximum(jnp.trace(kernel), 0)
+    return matmul_eps(kernel.dtype) * jnp.maximum(jnp.trace(kernel), 0)
 
 
 def dual(model: Model, lam, d, min_norm: bool, options: DualOptions = DEFAULT_DUAL):
