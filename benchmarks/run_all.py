@@ -44,7 +44,8 @@ d = jax.devices()[0]
 print(json.dumps({"platform": d.platform, "kind": getattr(d, "device_kind", d.platform),
     "count": jax.device_count(), "jax": jax.__version__,
     "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
-    "python": platform.python_version()}))
+    "python": platform.python_version(),
+    "matmul_precision": str(jax.config.jax_default_matmul_precision or "default")}))
 """
 
 
@@ -119,7 +120,8 @@ def section(device: dict, runs: list[dict], args, started: dt.datetime) -> str:
         "",
         f"Device: {device['platform']}: {device['kind']}, {device['count']} visible; jax "
         f"{device['jax']}, jaxlib {device['jaxlib']}, Python {device['python']}; "
-        f"{'float64' if args.x64 else 'float32'}; load average at start "
+        f"{'float64' if args.x64 else 'float32'}, jax_default_matmul_precision "
+        f"{device.get('matmul_precision', 'default')}; load average at start "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} host cores. Command: "
         f"`python benchmarks/run_all.py {' '.join(sys.argv[1:])}`.",
         "",

@@ -16,6 +16,9 @@ loss at the trial point (what LM needs for its gain ratio). Rows:
   per iteration) when lambda is under 10 eps tr(J J^T), where the formed kernel's rounding
   could swamp it (float32, large P);
 - ``LM step (paribus, dual, bare Cholesky)``: the same with ``dual_refine_steps=0``;
+- on an accelerator, ``LM step (paribus, dual, matmul precision highest)``: the default step
+  traced under ``jax.default_matmul_precision("highest")`` (true float32 products instead of
+  TF32 / bfloat16, what a float32-accurate step costs there);
 - ``LM step (plain JAX, dual)``: the hand-written prototype, the twin the paribus step is held to.
 
 With more than one device visible, the gradient and both LM steps are timed again data-parallel
@@ -163,6 +166,15 @@ def time_case(name, sizes, n, ref, *, dtype, repeats, mesh=None):
         opt, step = paribus_lm(residual_fn, refine=0)[0]
         bare = "LM step (paribus, dual, bare Cholesky)"
         methods.append((bare, step, (opt.init(params),), ref[1]))
+        if jax.default_backend() != "cpu":  # float32 products are TF32 / bfloat16 by default
+            opt, step = lm
+
+            def highest(p, b, s, step=step):
+                with jax.default_matmul_precision("highest"):
+                    return step(p, b, s)
+
+            name = "LM step (paribus, dual, matmul precision highest)"
+            methods.append((name, highest, (opt.init(params),), None))
     plain = lambda p, b: plain_dual_step(apply, p, b, DAMPING)  # noqa: E731
     methods.append(("LM step (plain JAX, dual)", plain, (), ref[1]))
 
