@@ -7,9 +7,10 @@ Every form returns the step delta (P,) solving
 together with J delta (R,) (for the predicted decrease) and the gradient norm ||J^T r||, each
 computed the cheapest way the form allows. With ``min_norm=True`` (Gauss-Newton, lam = 0) every
 form returns the minimum-norm least-squares step -J^+ r, never NaN, also when J is
-rank-deficient or R < P: an eigenvalue cutoff of eps * n * max eigenvalue (dtype-aware) in the
-Cholesky forms, an SVD least-squares solve in "qr", and CG started from zero (its iterates stay
-in the row space of J). A failed factorisation gives a non-finite step: the caller rejects it.
+rank-deficient or R < P: an eigenvalue cutoff of eps * n * max eigenvalue in the Cholesky forms
+(eps that of the matmul precision, :func:`matmul_eps`), an SVD solve in "qr", and CG started
+from zero (its iterates stay in the row space of J). A failed factorisation gives a non-finite
+step: the caller rejects it.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _chol_solve(a: jax.Array, b: jax.Array) -> jax.Array:
 def _pinv_solve(a: jax.Array, b: jax.Array) -> jax.Array:
     """a^+ b for symmetric positive semidefinite a, eigenvalues below the cutoff dropped."""
     s, u = jnp.linalg.eigh(a)
-    cut = jnp.finfo(a.dtype).eps * a.shape[0] * jnp.max(jnp.abs(s))
+    cut = matmul_eps(a.dtype) * a.shape[0] * jnp.max(jnp.abs(s))
     keep = s > cut
     inv = jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)
     return u @ (inv * (u.T @ b))

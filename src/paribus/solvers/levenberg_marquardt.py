@@ -209,7 +209,10 @@ def levenberg_marquardt(
         )
         ok = _common.finite(delta) & _common.finite(jd)
         delta, jd = jnp.where(ok, delta, 0), jnp.where(ok, jd, 0)
-        trial = unravel(flat + delta)
+        # Leaf by leaf, not unravel(flat + delta): on the CPU the latter made XLA rebuild every
+        # weight matrix inside the trial's matmuls (143 against 95 ms for solve + trial at
+        # 16-1024-1024-1, N = 1024).
+        trial = jax.tree.map(jnp.add, params, unravel(delta))
         _common.trial_structure_check(residual_fn, params, trial, batch, where=where)
         trial_value = _model.objective(residual_fn, trial, batch, loss)
         rho = gain_ratio(model.value, trial_value, jd, model.r, ok)
