@@ -13,7 +13,7 @@ loss at the trial point (what LM needs for its gain ratio). Rows:
 - ``residual NTK``: ``pb.curvature.residual_ntk`` (R, R);
 - ``LM step (paribus, dual)``: one jitted ``pb.levenberg_marquardt(solve="dual").update``,
   whose Cholesky step is refined by preconditioned CG (one JVP to check it, then a VJP and a JVP
-  per iteration) when lambda is under 10 eps tr(J J^T), where the formed kernel's rounding
+  per iteration) when lambda is under 10 eps ||J J^T||_F, where the formed kernel's rounding
   could swamp it (float32, large P);
 - ``LM step (paribus, dual, bare Cholesky)``: the same with ``dual_refine_steps=0``;
 - on an accelerator, ``LM step (paribus, dual, matmul precision highest)``: the default step
@@ -180,7 +180,7 @@ def time_case(name, sizes, n, ref, *, dtype, repeats, mesh=None):
 
     rows, grad_s = [], None
     switch = None
-    if mesh is None:  # does the default paribus step refine here? (lam < 10 eps tr(K))
+    if mesh is None:  # does the default paribus step refine here? (lam < 10 eps ||K||_F)
         from paribus.solvers import _linear
 
         kernel = jax.jit(pb.curvature.residual_ntk, static_argnums=0)(residual_fn, params, batch)
@@ -190,7 +190,7 @@ def time_case(name, sizes, n, ref, *, dtype, repeats, mesh=None):
         row = base | {"method": method}
         if switch is not None and method == "LM step (paribus, dual)":
             mode = "checked, refined if need be" if DAMPING < switch else "bare"
-            row["method"] += f" [10 eps tr K = {switch:.2g}: {mode}]"
+            row["method"] += f" [10 eps ‖K‖_F = {switch:.2g}: {mode}]"
         try:
             t = _measure(fn, (params, batch, *extra), repeats)
         except Exception as err:  # noqa: BLE001 - a failed method is a row, not a lost run

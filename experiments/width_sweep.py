@@ -36,7 +36,7 @@ Finding
     P ~ 3,000 at 2x..4x the target, every trial rejected: the float32 NTK's rounding, about
     eps ||K|| ~ 7e-3 here, is larger than 243 of its 256 eigenvalues, so the bare Cholesky step
     of K + lam I is noise at the small lam the last digits of the fit need (float64 reached the
-    target, in 109 trials at P = 3,001). Now, when lam < 10 eps tr(K), that Cholesky only
+    target, in 109 trials at P = 3,001). Now, when lam < 10 eps ||K||_F, that Cholesky only
     preconditions CG on the backward-stable products J (J^T alpha).
 
 Run

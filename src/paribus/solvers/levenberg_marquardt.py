@@ -139,7 +139,7 @@ def levenberg_marquardt(
       cg_max_steps, cg_tol: iteration cap and relative residual tolerance of "cg".
       cg_preconditioner: "jacobi" (diag(J^T J) + lam D) or None.
       dual_refine_steps: cap on the preconditioned-CG refinement of the "dual" step (D = I)
-        when lam is within 10x of the kernel's rounding floor eps tr(J J^T), where the
+        when lam is within 10x of the kernel's rounding floor eps ||J J^T||_F, where the
         Cholesky of a kernel formed in floating point is noise (float32 with large P); each
         step costs one VJP and one JVP. 0 keeps the bare Cholesky step.
 
