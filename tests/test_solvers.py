@@ -160,6 +160,27 @@ def test_refined_dual_equals_qr_and_its_own_j_delta():
         np.testing.assert_allclose(jd, jac @ delta, rtol=0, atol=1e-12 * np.abs(jd).max())
 
 
+def test_dual_step_vmaps_with_lanes_on_both_sides_of_the_switch():
+    """Under vmap the direct/refined cond becomes a select and the PCG loop runs for the
+    slowest lane: each lane must still get its own LM step (checked against qr)."""
+    params, residual_fn, batch = mlp_problem(6, (2, 12, 1), seed=6)
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 1.1 * a]), params)
+    lams = jnp.array([1e-6, 1.0])  # switch * floor is ~1e-4: lane 0 refines, lane 1 does not
+    options = _linear.DualOptions(max_steps=60, tol=1e-13, switch=1e10)
+
+    def step(params, lam):
+        model = _model.build(residual_fn, params, batch, where="test", factored=True)
+        floor = _linear.rounding_floor(model.ntk())
+        return _linear.dual(model, lam, None, False, options)[0], lam >= options.switch * floor
+
+    deltas, direct = jax.jit(jax.vmap(step))(stacked, lams)
+    assert not bool(direct[0]) and bool(direct[1])
+    for lane in range(2):
+        lane_params = jax.tree.map(lambda a, i=lane: a[i], stacked)
+        ref = raw_step("qr", lane_params, residual_fn, batch, float(lams[lane]))[0]
+        np.testing.assert_allclose(deltas[lane], ref, rtol=0, atol=1e-8 * np.abs(ref).max())
+
+
 def test_float32_dual_step_resolves_kernel_directions_below_its_rounding():
     """float32, 1-300-1 tanh, N = 64: ||K|| ~ 1e4, so eigenvalues of J J^T under ~1e-3 are
     rounding noise in the formed kernel. At lam = 1e-4 the bare Cholesky step is 41% off the
