@@ -16,12 +16,16 @@ loss at the trial point (what LM needs for its gain ratio). Rows:
   per iteration) when lambda is under 10 eps ||J J^T||_F, where the formed kernel's rounding
   could swamp it (float32, large P);
 - ``LM step (paribus, dual, bare Cholesky)``: the same with ``dual_refine_steps=0``;
+- ``LM step (paribus, dual, LM's first lambda ...)``: the default step at the damping LM starts
+  from, 1e-3 max diag(J^T J), instead of the prototype's absolute 0.01;
 - on an accelerator, ``LM step (paribus, dual, matmul precision highest)``: the default step
   traced under ``jax.default_matmul_precision("highest")`` (true float32 products instead of
   TF32 / bfloat16, what a float32-accurate step costs there);
 - ``LM step (plain JAX, dual)``: the hand-written prototype, the twin the paribus step is held to.
 
-With more than one device visible, the gradient and both LM steps are timed again data-parallel
+Every paribus row says what LM did with its trial (accepted or rejected, and the gain ratio):
+a step at a lambda below the kernel's rounding can be fast and useless. With more than one
+device visible, the gradient and both LM steps are timed again data-parallel
 (batch split over every device, params replicated: ``pb.sharding``). float32 by default.
 
 Run: ``python benchmarks/scale.py`` (full) or ``--quick`` (the issue's case and a small one).
@@ -104,16 +108,16 @@ def plain_dual_step(apply, params, batch, lam):
     return step, 0.5 * jnp.sum(trial_r**2)
 
 
-def paribus_lm(residual_fn, refine: int = 10):
+def paribus_lm(residual_fn, refine: int = 10, damping: float = DAMPING):
     """One jitted dual LM update of ``pb.levenberg_marquardt``, or None when it is not there.
 
     ``refine``: ``dual_refine_steps``; 0 is the bare Cholesky step, the prototype's maths.
+    ``damping``: lambda, absolute (``DAMPING`` as in the prototype by default).
     """
     if not hasattr(pb, "levenberg_marquardt"):
         return None, "pb.levenberg_marquardt not available"
-    # An absolute lambda, as in the prototype (the default is relative to max diag(J^T J)).
     opt = pb.levenberg_marquardt(
-        solve="dual", init_damping=DAMPING, init_damping_relative=False, dual_refine_steps=refine
+        solve="dual", init_damping=damping, init_damping_relative=False, dual_refine_steps=refine
     )
 
     def step(params, batch, state):
@@ -140,7 +144,16 @@ def _measure(fn, args, repeats: int) -> dict:
         if need > 0.9 * limit:
             return {"skip": f"needs {need / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB"}
     t = _common.time_fn(lambda: compiled(*args), repeats=repeats, min_time=0.2)
-    return {"run_s": t["run_s"], "compile_s": compile_s}
+    return {"run_s": t["run_s"], "compile_s": compile_s, "out": compiled(*args)}
+
+
+def _trial(out) -> str:
+    """What a paribus LM update did with its trial: accepted or not, and its gain ratio."""
+    state = out[1] if isinstance(out, tuple) and len(out) == 2 else None
+    if not hasattr(state, "gain_ratio"):
+        return ""
+    verdict = "accepted" if bool(state.accepted) else "rejected"
+    return f"{verdict}, rho = {float(state.gain_ratio):.3g}"
 
 
 def time_case(name, sizes, n, ref, *, dtype, repeats, mesh=None):
@@ -160,12 +173,20 @@ def time_case(name, sizes, n, ref, *, dtype, repeats, mesh=None):
         ntk = lambda p, b: pb.curvature.residual_ntk(residual_fn, p, b)  # noqa: E731
         methods.append(("residual NTK", ntk, (), None))
     lm, why = paribus_lm(residual_fn)
+    refinable = {"LM step (paribus, dual)": DAMPING}  # default steps: name -> their lambda
     if lm is not None:
         opt, step = lm
         methods.append(("LM step (paribus, dual)", step, (opt.init(params),), ref[1]))
         opt, step = paribus_lm(residual_fn, refine=0)[0]
         bare = "LM step (paribus, dual, bare Cholesky)"
         methods.append((bare, step, (opt.init(params),), ref[1]))
+        if mesh is None:  # LM's own first lambda: 1e-3 max diag(J^T J) (Nielsen, relative)
+            diag = jax.jit(pb.curvature.residual_jtj_diag, static_argnums=0)
+            lam0 = 1e-3 * float(jnp.max(diag(residual_fn, params, batch)))
+            opt, step = paribus_lm(residual_fn, damping=lam0)[0]
+            name = f"LM step (paribus, dual, LM's first lambda = 1e-3 max diag JᵀJ = {lam0:.3g})"
+            methods.append((name, step, (opt.init(params),), None))
+            refinable[name] = lam0
         if jax.default_backend() != "cpu":  # float32 products are TF32 / bfloat16 by default
             opt, step = lm
 
@@ -188,8 +209,8 @@ def time_case(name, sizes, n, ref, *, dtype, repeats, mesh=None):
         del kernel
     for method, fn, extra, ref_ms in methods:
         row = base | {"method": method}
-        if switch is not None and method == "LM step (paribus, dual)":
-            mode = "checked, refined if need be" if DAMPING < switch else "bare"
+        if switch is not None and method in refinable:
+            mode = "checked, refined if need be" if refinable[method] < switch else "bare"
             row["method"] += f" [10 eps ‖K‖_F = {switch:.2g}: {mode}]"
         try:
             t = _measure(fn, (params, batch, *extra), repeats)
@@ -206,6 +227,7 @@ def time_case(name, sizes, n, ref, *, dtype, repeats, mesh=None):
                 "compile": _common.fmt_ms(t["compile_s"]),
                 "x batch grad": f"{t['run_s'] / grad_s:.2f}",
                 "reference (DESIGN.md)": f"{ref_ms} ms" if ref_ms and mesh is None else "",
+                "trial": _trial(t["out"]),
                 "run_ms": t["run_s"] * 1e3,
             }
         )

@@ -25,11 +25,12 @@ Setup
 
 Finding
     The report (results/overparameterized/report.md) holds the numbers of the run that wrote it.
-    A default run on the shared 2-core CPU (3 seeds, tanh, 374 s) gave: dual LM reaches the
-    target (relative training error 1e-5) in 2 to 7 trials and 0.1 to 0.5 s at every width, in
-    every seed; GD never does in 2,000 steps (it ends at 1e-3 .. 2e-3 after up to 12 s), Adam
-    does at H >= 200 in about 1,000 steps (0.4 to 3.5 s); undamped minimum-norm GN in float32
-    stalls at 3e-5 .. 1e-3 (it reaches the target in 1 of 12 runs). The caveat: the fastest
+    A default run on the idle 2-core CPU (3 seeds, tanh, 53 s, 2026-11-26) gave: dual LM reaches
+    the target (relative training error 1e-5) in 2 to 7 trials and 0.015 to 0.07 s at every
+    width, in every seed; GD never does in 2,000 steps (it ends at 8e-4 .. 2e-3 after up to
+    2.2 s), Adam does at H >= 200 in 1,000 to 1,800 steps (0.15 to 1.1 s; 2/3 seeds at
+    H = 1,000); undamped minimum-norm GN in float32 stalls at 2e-5 .. 1e-3 (it reaches the
+    target in 1 of 12 runs). The caveat: the fastest
     fit is not the best model. At H = 50 LM's test error (MSE / Var y) is 1e-5, 30x below
     Adam's 3e-4, but at H = 1000 LM's 0.016 is 1.9x Adam's 0.0084, although both interpolate
     the training set; from H = 200 on every method's test error is 0.005 .. 0.018, three orders
