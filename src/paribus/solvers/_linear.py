@@ -195,8 +195,8 @@ def dual(model: Model, lam, d, min_norm: bool, options: DualOptions = DEFAULT_DU
     alpha -> J (J^T alpha) + lam alpha from a VJP and a JVP, which are backward stable (their
     error in a direction of singular value s scales with s, not with ||J||). Those same products
     give delta = -J^T alpha and J delta = -J J^T alpha, so the predicted decrease is that of the
-    step actually taken. Cost: one VJP and one JVP per refinement step, at most
-    ``options.max_steps``; above the switch, none.
+    step actually taken. Cost: one VJP and one JVP per refinement step (the first of which
+    re-derives the Cholesky step), at most ``options.max_steps``; above the switch, none.
     """
     r = model.r
     if d is not None:
@@ -234,47 +234,41 @@ def _dual_refined(model: Model, kernel: jax.Array, lam, options: DualOptions):
         return jsp.linalg.cho_solve(chol, s)
 
     alpha0 = precond(r)
-
-    def direct():
-        return -model.vjp(alpha0), -(kernel @ alpha0)
-
-    def refined():
-        tol = jnp.finfo(r.dtype).eps ** 0.25 if options.tol is None else options.tol
-        stop = (tol * jnp.linalg.norm(r)) ** 2
-
-        def products(p):
-            jt_p = model.vjp(p)
-            return jt_p, model.jvp(jt_p)  # J^T p, J J^T p
-
-        w0, u0 = products(alpha0)
-        s0 = r - u0 - lam * alpha0
-        zero = jnp.zeros((), r.dtype)
-        init = (jnp.zeros((), jnp.int32), alpha0, w0, u0, s0, jnp.zeros_like(r), zero)
-
-        def cond(c):
-            k, s = c[0], c[4]
-            return (k < options.max_steps) & (jnp.vdot(s, s) > stop)
-
-        def body(c):
-            k, alpha, w, u, s, p, sz = c
-            z = precond(s)
-            sz_new = jnp.vdot(s, z)
-            beta = jnp.where(k > 0, sz_new / jnp.where(sz != 0, sz, 1), 0)
-            p = z + beta * p
-            jt_p, k_p = products(p)
-            a_p = k_p + lam * p
-            curv = jnp.vdot(p, a_p)
-            step = jnp.where(curv > 0, sz_new / jnp.where(curv > 0, curv, 1), 0)
-            alpha, w, u = alpha + step * p, w + step * jt_p, u + step * k_p
-            return k + 1, alpha, w, u, s - step * a_p, p, sz_new
-
-        _, _, w, u, *_ = jax.lax.while_loop(cond, body, init)
-        return -w, -u
-
+    w0 = model.vjp(alpha0)  # J^T alpha0: the step when lam is well above the floor
+    direct = (-w0, -(kernel @ alpha0))
     if options.max_steps == 0:
-        delta, jd = direct()
-    else:
-        delta, jd = jax.lax.cond(lam >= options.switch * floor, direct, refined)
+        return (*direct, gnorm)
+    refine = lam < options.switch * floor
+    tol = jnp.finfo(r.dtype).eps ** 0.25 if options.tol is None else options.tol
+    stop = (tol * jnp.linalg.norm(r)) ** 2
+
+    # PCG from alpha = 0, whose first direction is the Cholesky solve alpha0 itself, in a loop
+    # that does not start when ``refine`` is false. Its mere presence still costs on the CPU
+    # (LM update at 16-1024-1024-1, N = 1024: 113 ms against 95 ms with dual_refine_steps=0);
+    # a lax.cond between the two steps cost more (122-126 ms), even untaken.
+    def cond(c):
+        k, s = c[0], c[4]
+        return refine & (k < options.max_steps) & (jnp.vdot(s, s) > stop)
+
+    def body(c):
+        k, alpha, w, u, s, p, sz = c
+        z = precond(s)  # at k = 0, s = r and z = alpha0
+        sz_new = jnp.vdot(s, z)
+        beta = jnp.where(k > 0, sz_new / jnp.where(sz != 0, sz, 1), 0)
+        p = z + beta * p
+        jt_p = model.vjp(p)
+        k_p = model.jvp(jt_p)  # J J^T p, backward stable
+        a_p = k_p + lam * p
+        curv = jnp.vdot(p, a_p)
+        step = jnp.where(curv > 0, sz_new / jnp.where(curv > 0, curv, 1), 0)
+        alpha, w, u = alpha + step * p, w + step * jt_p, u + step * k_p
+        return k + 1, alpha, w, u, s - step * a_p, p, sz_new
+
+    zeros = jnp.zeros_like(r)
+    init = (jnp.zeros((), jnp.int32), zeros, jnp.zeros_like(w0), zeros, r, zeros, zeros[0])
+    _, _, w, u, *_ = jax.lax.while_loop(cond, body, init)
+    delta = jnp.where(refine, -w, direct[0])
+    jd = jnp.where(refine, -u, direct[1])
     return delta, jd, gnorm
 
 
