@@ -246,12 +246,13 @@ def _dual_refined(model: Model, kernel: jax.Array, lam, options: DualOptions):
     # that does not start when ``refine`` is false. Its mere presence still costs on the CPU
     # (LM update at 16-1024-1024-1, N = 1024: 113 ms against 95 ms with dual_refine_steps=0);
     # a lax.cond between the two steps cost more (122-126 ms), even untaken.
+    # alpha itself is never needed: only w = J^T alpha and u = J J^T alpha are carried.
     def cond(c):
-        k, s = c[0], c[4]
+        k, s = c[0], c[3]
         return refine & (k < options.max_steps) & (jnp.vdot(s, s) > stop)
 
     def body(c):
-        k, alpha, w, u, s, p, sz = c
+        k, w, u, s, p, sz = c
         z = precond(s)  # at k = 0, s = r and z = alpha0
         sz_new = jnp.vdot(s, z)
         beta = jnp.where(k > 0, sz_new / jnp.where(sz != 0, sz, 1), 0)
@@ -261,12 +262,12 @@ def _dual_refined(model: Model, kernel: jax.Array, lam, options: DualOptions):
         a_p = k_p + lam * p
         curv = jnp.vdot(p, a_p)
         step = jnp.where(curv > 0, sz_new / jnp.where(curv > 0, curv, 1), 0)
-        alpha, w, u = alpha + step * p, w + step * jt_p, u + step * k_p
-        return k + 1, alpha, w, u, s - step * a_p, p, sz_new
+        w, u = w + step * jt_p, u + step * k_p
+        return k + 1, w, u, s - step * a_p, p, sz_new
 
     zeros = jnp.zeros_like(r)
-    init = (jnp.zeros((), jnp.int32), zeros, jnp.zeros_like(w0), zeros, r, zeros, zeros[0])
-    _, _, w, u, *_ = jax.lax.while_loop(cond, body, init)
+    init = (jnp.zeros((), jnp.int32), jnp.zeros_like(w0), zeros, r, zeros, zeros[0])
+    _, w, u, *_ = jax.lax.while_loop(cond, body, init)
     delta = jnp.where(refine, -w, direct[0])
     jd = jnp.where(refine, -u, direct[1])
     return delta, jd, gnorm
