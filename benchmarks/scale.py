@@ -65,8 +65,9 @@ REFERENCE = {
     },
     "cpu": {"1-64-64-1": (0.23, 1.8), "16-512-512-1": (2.9, 10.5)},
 }
-# --quick: the case on an accelerator; on a CPU (where J alone of 32-2048-2048-1 would be
-# 17 GB) the largest CPU reference case instead.
+# --quick: the case on an accelerator; on a CPU the largest CPU reference case instead (J
+# is never formed, but each 32-2048-2048-1 row takes seconds there: ``--case
+# 32-2048-2048-1:1024`` runs it, about a minute on 2 cores).
 QUICK = {"gpu": ("1-64-64-1", "32-2048-2048-1"), "cpu": ("1-64-64-1", "16-512-512-1")}
 FULL = {"gpu": ("1-64-64-1", "16-1024-1024-1", "32-2048-2048-1"), "cpu": tuple(CASES)[:3]}
 DAMPING = 1e-2
