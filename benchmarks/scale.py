@@ -153,8 +153,8 @@ def _trial(out) -> str:
     state = out[1] if isinstance(out, tuple) and len(out) == 2 else None
     if not hasattr(state, "gain_ratio"):
         return ""
-    verdict = "accepted" if bool(state.accepted) else "rejected"
-    return f"{verdict}, rho = {float(state.gain_ratio):.3g}"
+    verdict = "accepted" if bool(state.step_info.accepted) else "rejected"
+    return f"{verdict}, rho = {float(state.step_info.gain_ratio):.3g}"
 
 
 def time_case(name, sizes, n, ref, *, dtype, repeats, mesh=None):
@@ -247,9 +247,11 @@ def check_twins(dtype) -> str:
         return f"paribus dual step not checked: {why}"
     opt, step = lm
     updates, state = jax.jit(step)(params, batch, opt.init(params))
-    if not bool(state.accepted):  # a rejected trial returns zeros; its norm is in the state
+    if not bool(
+        state.step_info.accepted
+    ):  # a rejected trial returns zeros; its norm is in the state
         ref = float(optax.tree.norm(step_plain))
-        err = abs(float(state.step_norm) - ref) / ref
+        err = abs(float(state.step_info.step_norm) - ref) / ref
         return (
             f"paribus dual step norm vs plain-JAX prototype (rejected trial): rel. diff {err:.1e}"
         )

@@ -156,7 +156,7 @@ def timed_fit(opt, init, residual_fn, batch, keys, *, max_steps, target, seed_ru
 
     Returns (losses (S, T+1) or None, accepted or None, steps, codes, seconds per iteration,
     compile seconds)."""
-    from paribus.fit import STOP_REASONS
+    from paribus import STOP_REASONS
 
     def go(key, tgt):
         return lambda: pb.fit(residual_fn, init(key), opt, batch, max_steps=max_steps,
@@ -296,7 +296,7 @@ def csv_rows(method: str, res: dict, seeds: int, loss_name: str = "loss") -> lis
 
 def _stop_name(code) -> str:
     """Name of a ``pb.fit`` stop code (vmapped fits return codes into ``STOP_REASONS``)."""
-    from paribus.fit import STOP_REASONS
+    from paribus import STOP_REASONS
 
     return STOP_REASONS[int(code)]
 

@@ -45,7 +45,6 @@ Run
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import time
@@ -66,8 +65,8 @@ import _common  # noqa: E402
 
 import paribus as pb  # noqa: E402
 
-# pb.fit documents that under jit its stop_reason is an index into paribus.fit.STOP_REASONS.
-STOP_REASONS = importlib.import_module("paribus.fit").STOP_REASONS
+# pb.fit documents that under jit its stop_reason is an index into pb.STOP_REASONS.
+STOP_REASONS = pb.STOP_REASONS
 NAME = "overparameterized"
 METHODS = ("LM (dual)", "GN (dual, min-norm)", "GD", "Adam")
 COLORS = {"LM (dual)": "C0", "GN (dual, min-norm)": "C4", "GD": "C2", "Adam": "C1"}

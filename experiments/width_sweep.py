@@ -45,7 +45,6 @@ Run
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import sys
@@ -67,8 +66,8 @@ import _common  # noqa: E402
 
 import paribus as pb  # noqa: E402
 
-# pb.fit documents that under jit its stop_reason is an index into paribus.fit.STOP_REASONS.
-STOP_REASONS = importlib.import_module("paribus.fit").STOP_REASONS
+# pb.fit documents that under jit its stop_reason is an index into pb.STOP_REASONS.
+STOP_REASONS = pb.STOP_REASONS
 NAME = "width_sweep"
 METHODS = ("primal LM", "dual LM", "CG Gauss-Newton", "Adam")
 COLORS = {"primal LM": "C3", "dual LM": "C0", "CG Gauss-Newton": "C2", "Adam": "C1"}

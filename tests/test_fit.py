@@ -9,8 +9,8 @@ import optax
 import pytest
 
 import paribus as pb
-from paribus.fit import STOP_REASONS
-from paribus.fit import run as fit_run
+from paribus._fit import STOP_REASONS
+from paribus._fit import run as fit_run
 
 
 def sqrt_residuals(params, batch):

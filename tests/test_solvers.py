@@ -72,7 +72,7 @@ def test_gauss_newton_one_step_solves_linear_least_squares(solve, shape):
     )
     expected = x0 + np.linalg.lstsq(a, y - a @ x0, rcond=None)[0]
     np.testing.assert_allclose(x0 + step["x"], expected, atol=1e-9)
-    assert int(state.solve_form) == FORMS.index(solve) and bool(state.accepted)
+    assert int(state.step_info.form) == FORMS.index(solve) and bool(state.step_info.accepted)
 
 
 @pytest.mark.parametrize("solve", FORMS)
@@ -91,7 +91,7 @@ def test_gauss_newton_step_matches_pseudo_inverse_on_mlp(solve):
     step, state = one_step(pb.gauss_newton(solve=solve), params, residual_fn, batch)
     jac, r, _ = dense_jacobian(residual_fn, params, batch)
     np.testing.assert_allclose(flat(step), -np.linalg.pinv(jac) @ r, rtol=1e-7, atol=1e-9)
-    np.testing.assert_allclose(state.grad_norm, np.linalg.norm(jac.T @ r), rtol=1e-12)
+    np.testing.assert_allclose(state.step_info.grad_norm, np.linalg.norm(jac.T @ r), rtol=1e-12)
 
 
 # --- Levenberg-Marquardt: forms against the dense twin -------------------------------------------
@@ -316,9 +316,9 @@ def test_linear_problem_gain_ratio_is_one_and_step_is_the_twin():
     step, state = one_step(opt, params, linear_residuals, (a, y))
     expected = naive_lm_step(linear_residuals, params, (a, y), 0.5)
     np.testing.assert_allclose(step["x"], expected, rtol=1e-11)
-    assert float(state.gain_ratio) == pytest.approx(1.0, abs=1e-10)
-    assert bool(state.accepted) and int(state.solve_form) == FORMS.index("primal")
-    np.testing.assert_allclose(state.loss, 0.5 * np.sum((a @ x0 - y) ** 2), rtol=1e-14)
+    assert float(state.step_info.gain_ratio) == pytest.approx(1.0, abs=1e-10)
+    assert bool(state.step_info.accepted) and int(state.step_info.form) == FORMS.index("primal")
+    np.testing.assert_allclose(state.step_info.loss, 0.5 * np.sum((a @ x0 - y) ** 2), rtol=1e-14)
 
 
 def test_non_finite_trial_is_a_rejection_not_a_poisoned_state():
@@ -326,9 +326,11 @@ def test_non_finite_trial_is_a_rejection_not_a_poisoned_state():
     residual_fn = lambda p, b: jnp.sqrt(p) - 1.0  # noqa: E731
     params = jnp.array([100.0])
     step, state = one_step(opt, params, residual_fn, None)
-    assert not bool(state.accepted) and np.isneginf(state.gain_ratio)
+    assert not bool(state.step_info.accepted) and np.isneginf(state.step_info.gain_ratio)
     np.testing.assert_array_equal(step, [0.0])
-    leaves = [np.asarray(x) for x in jax.tree.leaves(state._replace(gain_ratio=0.0))]
+    # Only the trial's own numbers may be non-finite: rho = -inf and the trial loss NaN.
+    info = state.step_info._replace(gain_ratio=0.0, trial_loss=0.0)
+    leaves = [np.asarray(x) for x in jax.tree.leaves(state._replace(step_info=info))]
     assert all(np.all(np.isfinite(x)) for x in leaves)
     assert float(state.damping) == pytest.approx(2e-9)  # nielsen: lam *= nu = 2
 
@@ -337,12 +339,12 @@ def test_relative_and_absolute_initial_damping():
     params, residual_fn, batch = mlp_problem()
     jac, _, _ = dense_jacobian(residual_fn, params, batch)
     _, state = one_step(pb.levenberg_marquardt(), params, residual_fn, batch)
-    assert float(state.trial_damping) == pytest.approx(1e-3 * np.max(np.sum(jac**2, 0)))
+    assert float(state.step_info.damping) == pytest.approx(1e-3 * np.max(np.sum(jac**2, 0)))
     _, state = one_step(pb.levenberg_marquardt(damping="marquardt"), params, residual_fn, batch)
-    assert float(state.trial_damping) == pytest.approx(1e-3)
+    assert float(state.step_info.damping) == pytest.approx(1e-3)
     opt = pb.levenberg_marquardt(init_damping=0.25, init_damping_relative=True)
     _, state = one_step(opt, params, residual_fn, batch)
-    assert float(state.trial_damping) == pytest.approx(0.25 * np.max(np.sum(jac**2, 0)))
+    assert float(state.step_info.damping) == pytest.approx(0.25 * np.max(np.sum(jac**2, 0)))
 
 
 def test_damping_is_bounded():
@@ -351,7 +353,7 @@ def test_damping_is_bounded():
         init_damping=1e9, init_damping_relative=False, damping_bounds=(1e-3, 10.0)
     )
     _, state = one_step(opt, params, residual_fn, batch)
-    assert float(state.trial_damping) == 10.0 and float(state.damping) <= 10.0
+    assert float(state.step_info.damping) == 10.0 and float(state.damping) <= 10.0
 
 
 def test_marquardt_scaling_is_a_running_max():
@@ -422,7 +424,7 @@ def test_state_is_arrays_only_and_vmaps():
     steps, states = jax.vmap(
         lambda p, s: opt.update(None, s, p, residual_fn=residual_fn, batch=batch)
     )(stacked, states)
-    assert states.loss.shape == (2,) and np.all(np.isfinite(states.loss))
+    assert states.step_info.loss.shape == (2,) and np.all(np.isfinite(states.step_info.loss))
 
 
 # --- errors ---------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ Jacobians, the NTK, and Gauss-Newton / Levenberg-Marquardt steps.
 from importlib.metadata import PackageNotFoundError, version
 
 from paribus import curvature, losses, memory, nets, sharding, solvers
+from paribus._fit import STOP_REASONS, FitResult, History, fit
+from paribus._jacobian import Jacobian, jacobian
 from paribus.curvature import (
     ggn_operator,
     ggn_vector_product,
@@ -23,8 +25,6 @@ from paribus.derivatives import (
     partial,
     per_example_grads,
 )
-from paribus.fit import STOP_REASONS, FitResult, History, fit
-from paribus.jacobian import Jacobian, jacobian
 from paribus.residuals import (
     PerExample,
     loss,
@@ -36,6 +36,7 @@ from paribus.residuals import (
 from paribus.solvers import (
     GaussNewtonState,
     LevenbergMarquardtState,
+    StepInfo,
     gauss_newton,
     levenberg_marquardt,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "JacobianCheck",
     "LevenbergMarquardtState",
     "PerExample",
+    "StepInfo",
     "__version__",
     "check_jacobian",
     "curvature",

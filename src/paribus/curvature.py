@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from paribus import _tree, structured
-from paribus.jacobian import jacobian
+from paribus._jacobian import jacobian
 from paribus.losses import OutputLoss
 from paribus.residuals import PerExample, residual_jacobian
 

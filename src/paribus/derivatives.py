@@ -21,7 +21,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from paribus import _tree
-from paribus.jacobian import MODES, jacobian
+from paribus._jacobian import MODES, jacobian
 
 PyTree = Any
 

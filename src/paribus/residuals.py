@@ -131,7 +131,7 @@ def residual_jacobian(
     networks). Any other function: forward mode when P <= R, else reverse mode over the batch.
     """
     if isinstance(residual_fn, PerExample):
-        from paribus.jacobian import jacobian
+        from paribus._jacobian import jacobian
 
         if residual_fn.apply is not None:
             return jacobian(residual_fn.apply, params, residual_fn.inputs(batch), mode=mode).matrix

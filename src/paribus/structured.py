@@ -207,7 +207,7 @@ def jacobian_matrix(
     a time through the per-example path.
     """
     if chunk_size is not None:
-        from paribus.jacobian import map_examples
+        from paribus._jacobian import map_examples
 
         rows = map_examples(lambda x: example_jacobian(apply, params, x), xs, chunk_size)
         return rows.reshape(-1, rows.shape[-1])

@@ -5,6 +5,7 @@ into it (-1: no Jacobian-based step).
 """
 
 from paribus.solvers._damping import RULES
+from paribus.solvers._info import REPAIRS, StepInfo, step_info
 from paribus.solvers._linear import FORMS, SOLVES
 from paribus.solvers.gauss_newton import GaussNewtonState, gauss_newton
 from paribus.solvers.levenberg_marquardt import (
@@ -18,10 +19,13 @@ DAMPING_RULES = tuple(sorted(RULES))
 __all__ = [
     "DAMPING_RULES",
     "FORMS",
+    "REPAIRS",
     "SOLVES",
+    "StepInfo",
     "GaussNewtonState",
     "LevenbergMarquardtState",
     "gain_ratio",
     "gauss_newton",
     "levenberg_marquardt",
+    "step_info",
 ]

@@ -1,9 +1,6 @@
-"""What Gauss-Newton and Levenberg-Marquardt share: construction checks and the step diagnostics.
+"""What Gauss-Newton and Levenberg-Marquardt share: construction checks and setup.
 
-Both states carry the same diagnostic fields, so ``pb.fit`` reads one protocol:
-``loss`` and ``grad_norm`` at the parameters the step was computed from, and the trial's
-``trial_damping``, ``gain_ratio``, ``accepted``, ``step_norm`` and ``solve_form`` (an index into
-``FORMS``).
+Both states carry a :class:`paribus.solvers._info.StepInfo`, the one protocol ``pb.fit`` reads.
 """
 
 from __future__ import annotations
@@ -22,8 +19,6 @@ PyTree = Any
 DEFAULT_MEMORY_BUDGET = None
 """Bytes that "auto" lets a dense solve use (J and J^T J, or J J^T) before it picks cg; None:
 ``pb.memory.default_budget()`` (half the device's free memory), read at trace time."""
-
-DIAGNOSTICS = ("loss", "grad_norm", "trial_damping", "gain_ratio", "accepted", "step_norm")
 
 
 def require_extras(residual_fn, *, where: str) -> None:

@@ -10,25 +10,18 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from paribus.solvers import _common, _linear
+from paribus.solvers._info import StepInfo, empty_step_info, step_info
 
 PyTree = Any
 
 
 class GaussNewtonState(NamedTuple):
-    """Arrays only. Describes the last step, taken from parameters whose loss and gradient norm
-    were ``loss`` and ``grad_norm``: ``accepted`` is False only when the step came out
-    non-finite (it is then zero), ``step_norm`` = ||delta||, ``solve_form`` indexes
-    ``pb.solvers.FORMS``; ``trial_damping`` is 0 and ``gain_ratio`` NaN (no trial is
-    evaluated)."""
+    """Arrays only. ``step_info`` (:class:`pb.StepInfo`) describes the last step: the loss and
+    gradient norm it was computed from, ``accepted`` False only when the step came out
+    non-finite (it is then zero), its norm and solve form; damping 0, no trial evaluated."""
 
     count: jax.Array
-    loss: jax.Array
-    grad_norm: jax.Array
-    trial_damping: jax.Array
-    gain_ratio: jax.Array
-    accepted: jax.Array
-    step_norm: jax.Array
-    solve_form: jax.Array
+    step_info: StepInfo
 
 
 def gauss_newton(
@@ -78,12 +71,7 @@ def gauss_newton(
     def init_fn(params: PyTree) -> GaussNewtonState:
         _common.check_params(params, where=where)
         dt = ravel_pytree(params)[0].dtype
-        nan = jnp.asarray(jnp.nan, dt)
-        zero = jnp.zeros((), dt)
-        return GaussNewtonState(
-            jnp.zeros((), jnp.int32), nan, nan, zero, nan, jnp.zeros((), bool), nan,
-            jnp.asarray(-1, jnp.int32),
-        )  # fmt: skip
+        return GaussNewtonState(jnp.zeros((), jnp.int32), empty_step_info(dt))
 
     def update_fn(updates, state, params=None, *, residual_fn=None, batch=None, **extra):
         del updates, extra
@@ -96,16 +84,15 @@ def gauss_newton(
         )
         ok = _common.finite(delta)
         delta = jnp.where(ok, delta, 0)
-        new_state = GaussNewtonState(
-            count=state.count + 1,
+        info = step_info(
             loss=model.value.astype(flat.dtype),
-            grad_norm=gnorm.astype(flat.dtype),
-            trial_damping=zero,
-            gain_ratio=state.gain_ratio,
+            grad_norm=gnorm,
+            damping=zero,
             accepted=ok,
-            step_norm=jnp.linalg.norm(delta).astype(flat.dtype),
-            solve_form=jnp.asarray(_linear.CODES[form], jnp.int32),
+            step_norm=jnp.linalg.norm(delta),
+            form=_linear.CODES[form],
         )
+        new_state = GaussNewtonState(count=state.count + 1, step_info=info)
         return unravel(delta), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -10,6 +10,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from paribus.solvers import _common, _damping, _linear, _model
+from paribus.solvers._info import StepInfo, empty_step_info, step_info
 
 PyTree = Any
 SCALINGS = ("identity", "marquardt")
@@ -19,11 +20,9 @@ class LevenbergMarquardtState(NamedTuple):
     """Arrays only, so the state jits, vmaps and serialises.
 
     ``damping``, ``nu`` and ``radius`` drive the next trial; ``scale`` is the running max of
-    diag(J^T J) (Marquardt scaling; ones otherwise). The rest describes the last trial, taken
-    from parameters whose loss and gradient norm were ``loss`` and ``grad_norm``:
-    ``trial_damping`` (its lam), ``gain_ratio`` (-inf when the trial was not finite),
-    ``accepted``, ``step_norm`` (||delta|| of the trial) and ``solve_form`` (index into
-    ``pb.solvers.FORMS``).
+    diag(J^T J) (Marquardt scaling; ones otherwise). ``step_info`` (:class:`pb.StepInfo`)
+    describes the last trial: the loss and gradient norm it was computed from, its lam, gain
+    ratio (-inf when the trial was not finite), acceptance, norm, trial loss and solve form.
     """
 
     count: jax.Array
@@ -31,13 +30,7 @@ class LevenbergMarquardtState(NamedTuple):
     nu: jax.Array
     radius: jax.Array
     scale: jax.Array
-    loss: jax.Array
-    grad_norm: jax.Array
-    trial_damping: jax.Array
-    gain_ratio: jax.Array
-    accepted: jax.Array
-    step_norm: jax.Array
-    solve_form: jax.Array
+    step_info: StepInfo
 
 
 def gain_ratio(value, trial_value, jd, r, ok) -> jax.Array:
@@ -125,7 +118,7 @@ def levenberg_marquardt(
         dual when R < P, primal when P is small, cg when the dense form exceeds
         ``memory_budget`` bytes (default: half the device's free memory) or a factorisation
         would be larger than ``pb.solvers._linear.MAX_DENSE`` on a side. Chosen at trace
-        time; its code is ``state.solve_form``.
+        time; its code is ``state.step_info.form``.
       damping: "nielsen", "marquardt" or "trust_region" (see ``paribus.solvers._damping``).
       scaling: "identity" (D = I) or "marquardt" (D = running max of diag(J^T J), MINPACK,
         floored at ``scaling_floor`` times its largest entry).
@@ -155,7 +148,8 @@ def levenberg_marquardt(
       >>> params = jnp.array([100.0])
       >>> state = opt.init(params)
       >>> step, state = opt.update(None, state, params, residual_fn=residual_fn, batch=None)
-      >>> bool(state.accepted), float(step[0])  # the first trial leaves sqrt's domain: NaN
+      >>> # The first trial leaves sqrt's domain: NaN, rejected.
+      >>> bool(state.step_info.accepted), float(step[0])
       (False, 0.0)
     """
     where = "pb.levenberg_marquardt"
@@ -180,20 +174,13 @@ def levenberg_marquardt(
         flat, _ = ravel_pytree(params)
         dt = flat.dtype
         radius = 100 * jnp.linalg.norm(flat)
-        nan = jnp.asarray(jnp.nan, dt)
         return LevenbergMarquardtState(
             count=jnp.zeros((), jnp.int32),
             damping=jnp.asarray(lam0, dt),
             nu=jnp.asarray(2, dt),
             radius=jnp.where(radius > 0, radius, 100).astype(dt),
             scale=jnp.zeros_like(flat),
-            loss=nan,
-            grad_norm=nan,
-            trial_damping=nan,
-            gain_ratio=nan,
-            accepted=jnp.zeros((), bool),
-            step_norm=nan,
-            solve_form=jnp.asarray(-1, jnp.int32),
+            step_info=empty_step_info(dt),
         )
 
     def update_fn(updates, state, params=None, *, residual_fn=None, batch=None, **extra):
@@ -219,19 +206,25 @@ def levenberg_marquardt(
         accepted = rho > rule.threshold
         snorm = jnp.linalg.norm(delta if d is None else jnp.sqrt(d) * delta)
         new_lam, nu, radius = rule.update(lam, state.nu, state.radius, rho, accepted, snorm)
+        next_lam = jnp.clip(new_lam, lo, hi).astype(lam.dtype)
+        info = step_info(
+            loss=model.value.astype(lam.dtype),
+            grad_norm=gnorm,
+            damping=lam,
+            gain_ratio=rho,
+            accepted=accepted,
+            step_norm=jnp.linalg.norm(delta),
+            trial_loss=trial_value,
+            form=_linear.CODES[form],
+            at_damping_limit=~accepted & (next_lam <= lam),
+        )
         new_state = LevenbergMarquardtState(
             count=state.count + 1,
-            damping=jnp.clip(new_lam, lo, hi).astype(lam.dtype),
+            damping=next_lam,
             nu=nu,
             radius=radius.astype(state.radius.dtype),
             scale=running,
-            loss=model.value.astype(lam.dtype),
-            grad_norm=gnorm.astype(lam.dtype),
-            trial_damping=lam,
-            gain_ratio=rho.astype(lam.dtype),
-            accepted=accepted,
-            step_norm=jnp.linalg.norm(delta).astype(lam.dtype),
-            solve_form=jnp.asarray(_linear.CODES[form], jnp.int32),
+            step_info=info,
         )
         return unravel(jnp.where(accepted, delta, 0)), new_state
 

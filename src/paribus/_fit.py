@@ -18,8 +18,7 @@ import optax
 
 from paribus import _tree
 from paribus.solvers import _model
-from paribus.solvers.gauss_newton import GaussNewtonState
-from paribus.solvers.levenberg_marquardt import LevenbergMarquardtState
+from paribus.solvers._info import StepInfo
 
 PyTree = Any
 
@@ -27,7 +26,6 @@ __all__ = ["STOP_REASONS", "FitResult", "History", "fit"]
 
 STOP_REASONS = ("max_steps", "gradient", "step", "target_loss", "non_finite", "damping_limit")
 _CODE = {name: code for code, name in enumerate(STOP_REASONS)}
-_SOLVER_STATES = (GaussNewtonState, LevenbergMarquardtState)
 
 
 class History(NamedTuple):
@@ -49,11 +47,10 @@ class Tolerances(NamedTuple):
     target: jax.Array
 
 
-def _solver_state(state: Any) -> Any:
-    """The first Gauss-Newton / LM state inside an optax state (chains nest them), or None."""
-    is_solver = lambda x: isinstance(x, _SOLVER_STATES)  # noqa: E731
-    found = [s for s in jax.tree.leaves(state, is_leaf=is_solver) if is_solver(s)]
-    return found[0] if found else None
+def _step_info(state: Any) -> StepInfo | None:
+    """The first :class:`StepInfo` inside an optax state (chains nest them), or None."""
+    found = optax.tree.get_all_with_path(state, "StepInfo")
+    return found[0][1] if found else None
 
 
 def _batch_at(batch, indices, schedule, k):
@@ -104,8 +101,8 @@ def _solver_step(ctx, params, state, batch):
     residual_fn, opt, _ = ctx
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, new_state = opt.update(zeros, state, params, residual_fn=residual_fn, batch=batch)
-    info = _solver_state(new_state)
-    diag = (info.trial_damping, info.gain_ratio, info.accepted, info.step_norm, info.solve_form)
+    info = _step_info(new_state)
+    diag = (info.damping, info.gain_ratio, info.accepted, info.step_norm, info.form)
     return updates, new_state, info.loss, info.grad_norm, diag
 
 
@@ -128,8 +125,8 @@ def _stop_before(value, gnorm, tols: Tolerances):
     return jnp.where(bad, _CODE["non_finite"], code).astype(jnp.int32)
 
 
-def _stop_after(params, diag, new_state, is_lm: bool, first_order: bool, tols: Tolerances):
-    lam, _, acc, snorm, _ = diag
+def _stop_after(params, diag, new_state, first_order: bool, tols: Tolerances):
+    _, _, _, snorm, _ = diag
     size = optax.tree.norm(params).astype(snorm.dtype)
     # The trial step, accepted or not (MINPACK's xtol test on the radius does the same): once
     # it cannot move theta in this dtype, nothing more will happen. From a first-order rule an
@@ -139,8 +136,8 @@ def _stop_after(params, diag, new_state, is_lm: bool, first_order: bool, tols: T
     if first_order:
         tiny = tiny & (snorm > 0)
     code = jnp.where(tiny, _CODE["step"], 0)
-    if is_lm:
-        stuck = ~acc & (_solver_state(new_state).damping <= lam)
+    if not first_order:
+        stuck = _step_info(new_state).at_damping_limit
         code = jnp.where(stuck, _CODE["damping_limit"], code)
     return code.astype(jnp.int32)
 
@@ -150,9 +147,8 @@ def _run(residual_fn, params, opt, batch, indices, tols, *, max_steps, loss, sch
     """The jitted loop; returns the untruncated FitResult fields."""
     opt = optax.with_extra_args_support(opt)
     state = opt.init(params)
-    solver = _solver_state(state)
+    solver = _step_info(state)
     step_fn = _first_order if solver is None else _solver_step
-    is_lm = isinstance(solver, LevenbergMarquardtState)
     ctx = (residual_fn, opt, loss)
     dtype = _tree.param_dtype(params)
 
@@ -170,9 +166,7 @@ def _run(residual_fn, params, opt, batch, indices, tols, *, max_steps, loss, sch
         code = _stop_before(value, gnorm, tols)
         go = code == 0
         hist = _record(hist, k, value, gnorm, diag, go)
-        code = jnp.where(
-            go, _stop_after(params, diag, new_state, is_lm, solver is None, tols), code
-        )
+        code = jnp.where(go, _stop_after(params, diag, new_state, solver is None, tols), code)
         params = _tree_where(go, optax.apply_updates(params, updates), params)
         state = _tree_where(go, new_state, state)
         return k + go.astype(k.dtype), params, state, hist, code

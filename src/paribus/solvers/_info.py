@@ -1,0 +1,104 @@
+"""``StepInfo``: what a step did, in one record that any optax transformation may carry.
+
+``pb.fit`` reads a step's diagnostics from the first ``StepInfo`` it finds in the optimiser's
+state (``optax.tree.get_all_with_path(state, "StepInfo")``), wherever the transformation sits
+in an ``optax.chain``. Gauss-Newton, Levenberg-Marquardt and the Hessian-free step keep one; a
+transformation of your own that wants its damping, gain ratio and acceptance in ``pb.fit``'s
+history keeps one too (field ``step_info`` of its state, built with :func:`step_info`).
+Transformations without one are first-order: ``pb.fit`` records their update norm and counts
+every step accepted.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+REPAIRS = ("none", "refined", "qr", "float64", "pinv")
+"""How a solve was repaired when its first factorisation failed or was not to be trusted;
+``StepInfo.repair`` indexes this tuple."""
+
+
+class StepInfo(NamedTuple):
+    """Diagnostics of one step, all scalar arrays (jit-, vmap- and scan-friendly).
+
+    Attributes:
+      loss: L(theta) at the parameters the step was computed from.
+      grad_norm: ||g|| = ||J^T r|| there.
+      damping: lam of the trial (0 for Gauss-Newton; NaN when the step has none).
+      gain_ratio: rho = (L - L_trial) / (predicted decrease); NaN when no trial was evaluated,
+        -inf when the trial was not finite.
+      accepted: the update returned is the trial step (False: zeros were returned).
+      step_norm: ||delta|| of the trial, accepted or not.
+      trial_loss: L(theta + delta), NaN when not evaluated.
+      form: index into ``pb.solvers.FORMS`` of the solve that gave delta (-1: none).
+      repair: index into ``REPAIRS``: how the solve was repaired (0: it was not).
+      at_damping_limit: the trial was rejected with lam already at its upper bound: no larger
+        damping is left to try.
+    """
+
+    loss: jax.Array
+    grad_norm: jax.Array
+    damping: jax.Array
+    gain_ratio: jax.Array
+    accepted: jax.Array
+    step_norm: jax.Array
+    trial_loss: jax.Array
+    form: jax.Array
+    repair: jax.Array
+    at_damping_limit: jax.Array
+
+
+def empty_step_info(dtype) -> StepInfo:
+    """The record before any step: NaN numbers, False flags, form -1."""
+    nan = jnp.full((), jnp.nan, dtype)
+    false = jnp.zeros((), bool)
+    return StepInfo(
+        loss=nan,
+        grad_norm=nan,
+        damping=nan,
+        gain_ratio=nan,
+        accepted=false,
+        step_norm=nan,
+        trial_loss=nan,
+        form=jnp.full((), -1, jnp.int32),
+        repair=jnp.zeros((), jnp.int32),
+        at_damping_limit=false,
+    )
+
+
+def step_info(
+    *,
+    loss,
+    grad_norm,
+    step_norm,
+    accepted=True,
+    damping=jnp.nan,
+    gain_ratio=jnp.nan,
+    trial_loss=jnp.nan,
+    form: int | jax.Array = -1,
+    repair: int | jax.Array = 0,
+    at_damping_limit=False,
+) -> StepInfo:
+    """A :class:`StepInfo`, every number cast to the dtype of ``loss``."""
+    dtype = jnp.result_type(loss)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(float)
+
+    def num(x):
+        return jnp.asarray(x).astype(dtype).reshape(())
+
+    return StepInfo(
+        loss=num(loss),
+        grad_norm=num(grad_norm),
+        damping=num(damping),
+        gain_ratio=num(gain_ratio),
+        accepted=jnp.asarray(accepted, bool).reshape(()),
+        step_norm=num(step_norm),
+        trial_loss=num(trial_loss),
+        form=jnp.asarray(form, jnp.int32).reshape(()),
+        repair=jnp.asarray(repair, jnp.int32).reshape(()),
+        at_damping_limit=jnp.asarray(at_damping_limit, bool).reshape(()),
+    )
