@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from paribus import curvature, losses, memory, nets, sharding, solvers
 from paribus._fit import STOP_REASONS, FitResult, History, fit
 from paribus._jacobian import Jacobian, jacobian
+from paribus._tree import num_params
 from paribus.curvature import (
     ggn_operator,
     ggn_vector_product,
@@ -73,6 +74,7 @@ __all__ = [
     "nets",
     "ntk",
     "nudge",
+    "num_params",
     "partial",
     "per_example",
     "per_example_grad_norms",
