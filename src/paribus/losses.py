@@ -21,6 +21,9 @@ to the whitened problem: the same primal, dual and matrix-free solves, unchanged
 
 Why rw exists: grad_z ell lies in the range of H for these losses (for softmax cross-entropy
 both are orthogonal to the all-ones vector), so S^T rw = grad has a solution.
+
+Robust losses of residuals (``huber``, ``soft_l1``, ``cauchy``, ``arctan``, ``linear``), as
+``scipy.optimize.least_squares`` defines them, are the other kind: see :class:`ResidualLoss`.
 """
 
 from __future__ import annotations
@@ -31,12 +34,28 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from paribus._residual_losses import (
+    ResidualLoss,
+    arctan,
+    cauchy,
+    huber,
+    linear,
+    robust,
+    soft_l1,
+)
 from paribus.residuals import PerExample
 
 __all__ = [
     "OutputLoss",
+    "ResidualLoss",
+    "arctan",
+    "cauchy",
+    "huber",
+    "linear",
     "network_outputs",
+    "robust",
     "sigmoid_binary_cross_entropy",
+    "soft_l1",
     "softmax_cross_entropy",
     "squared",
     "whiten_batch",
