@@ -76,7 +76,7 @@ class ResidualLoss(NamedTuple):
       >>> float(loss.value(r))  # 1/2 (0.5^2 + (2 * 3 - 1))
       2.625
       >>> rw, s = loss.whiten(r)
-      >>> (rw * s).tolist()  # rho' r: the gradient of the cost with respect to r
+      >>> [round(float(g), 6) for g in rw * s]  # rho' r: the gradient of the cost in r
       [0.5, 1.0]
     """
 
