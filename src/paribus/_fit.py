@@ -976,9 +976,7 @@ def _check_config(residual_fn, opt, max_steps, loss, callback, callback_every, p
             f"pb.fit: opt must be an optax GradientTransformation (e.g. optax.adam(1e-3) or "
             f"pb.levenberg_marquardt()); got {opt!r}."
         )
-    if loss is not None and not (
-        callable(getattr(loss, "value", None)) and callable(getattr(loss, "whiten", None))
-    ):
+    if loss is not None and not _is_loss(loss):
         raise TypeError(
             "pb.fit: loss must be None (L = 1/2 ||r||^2) or an OutputLoss such as "
             f"pb.losses.softmax_cross_entropy(); got {loss!r}."
@@ -1016,7 +1014,8 @@ def _check_outputs(residual_fn, params, batch, loss) -> None:
     """What ``residual_fn(params, batch)`` returns, from shapes alone (``jax.eval_shape``)."""
     try:
         out = jax.eval_shape(residual_fn, params, batch)
-    except (TypeError, jax.errors.JAXTypeError) as error:
+    # DeprecationWarning: what jnp.shape of a tuple batch raises where warnings are errors.
+    except (TypeError, jax.errors.JAXTypeError, DeprecationWarning) as error:
         raise TypeError(
             f"pb.fit: residual_fn(params, batch) failed ({type(error).__name__}: "
             f"{str(error).splitlines()[0]}). pb.fit calls residual_fn(params, batch) once "
@@ -1024,10 +1023,12 @@ def _check_outputs(residual_fn, params, batch, loss) -> None:
             "loss=). A network's apply(params, x) of one example is not a residual function: "
             "pass pb.regression_residuals(apply), or pb.per_example(fn) of fn(params, example)."
         ) from error
-    if loss is not None:
-        if isinstance(out, tuple | list) and len(out) == 2 and hasattr(out[0], "shape"):
-            if len(out[0].shape) >= 1 and out[0].shape[0] == 0:
-                raise ValueError("pb.fit: residual_fn returned outputs for 0 examples.")
+    if loss is not None and isinstance(out, tuple | list) and len(out) == 2:
+        z = out[0]
+        if hasattr(z, "shape") and len(z.shape) >= 1 and z.shape[0] == 0:
+            raise ValueError(
+                "pb.fit: residual_fn returned outputs for 0 examples (an empty batch?)."
+            )
         return  # the model checks the (outputs, targets) pair when it is traced
     leaves = jax.tree.leaves(out)
     if not leaves or not all(jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves):
@@ -1060,25 +1061,45 @@ def _solver_loss(opt) -> tuple[bool, Any]:
     return True, cells["loss"].cell_contents
 
 
+def _is_loss(x: Any) -> bool:
+    return callable(getattr(x, "value", None)) and callable(getattr(x, "whiten", None))
+
+
+def _same_loss(a: Any, b: Any) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # e.g. an array field compared elementwise
+        return False
+
+
+def _resolve_loss(residual_fn, loss):
+    """``loss``, or the one ``residual_fn`` carries (``pb.losses.network_outputs(apply, loss)``)."""
+    carried = getattr(residual_fn, "loss", None)
+    if not _is_loss(carried):
+        return loss
+    if loss is None:
+        return carried
+    if not _same_loss(carried, loss):
+        raise ValueError(
+            f"pb.fit: residual_fn carries loss {getattr(carried, 'name', carried)!r} but "
+            f"pb.fit got loss={getattr(loss, 'name', loss)!r}; give the loss once."
+        )
+    return loss
+
+
 def _check_loss_agrees(opt, loss) -> None:
     found, solver_loss = _solver_loss(opt)
-    if not found or solver_loss is loss:
+    if not found or _same_loss(solver_loss, loss):
         return
     name = lambda x: None if x is None else getattr(x, "name", repr(x))  # noqa: E731
-    if name(solver_loss) != name(loss):
-        raise ValueError(
-            f"pb.fit: the optimiser was built with loss={name(solver_loss)!r} but pb.fit got "
-            f"loss={name(loss)!r}; one run minimises one objective: pass the same loss to "
-            "both."
-        )
+    raise ValueError(
+        f"pb.fit: the optimiser was built with loss={name(solver_loss)!r} but pb.fit "
+        f"minimises loss={name(loss)!r}; one run minimises one objective: build the optimiser "
+        "with the same loss (e.g. pb.levenberg_marquardt(loss=loss))."
+    )
 
 
 def _check_indices(batch_indices, batch) -> Any:
-    if isinstance(batch_indices, Iterator):
-        raise TypeError(
-            "pb.fit: batch_indices must be an (S, B) integer array; got an iterator. To "
-            "stream minibatches, pass the iterator as batch."
-        )
     if isinstance(batch, Iterator):
         raise ValueError(
             "pb.fit: batch is an iterator and batch_indices is given; batch_indices selects "
@@ -1319,6 +1340,11 @@ def fit(
       >>> round(float(result.params[0]), 5), result.stop_reason.name, result.converged
       (1.0, 'target_loss', True)
     """
+    if isinstance(batch_indices, Iterator):
+        raise TypeError(
+            "pb.fit: batch_indices must be an (S, B) integer array; got an iterator. To "
+            "stream minibatches, pass the iterator as batch."
+        )
     _check_config(residual_fn, opt, max_steps, loss, callback, callback_every, progress)
     _tree.check_float_params(params, where="pb.fit")
     for name, value in (("grad_tol", grad_tol), ("grad_rtol", grad_rtol), ("step_tol", step_tol)):
@@ -1326,6 +1352,7 @@ def fit(
     _check_number("diverge_factor", diverge_factor, allow_inf=True)
     _check_target(target_loss)
     opt = optax.with_extra_args_support(opt)
+    loss = _resolve_loss(residual_fn, loss)
     dtype = _tree.param_dtype(params)
     traced = _is_traced((params, batch_indices, state, target_loss, grad_tol, diverge_factor))
     traced = traced or (not isinstance(batch, Iterator) and _is_traced(batch))
