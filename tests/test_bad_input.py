@@ -175,9 +175,17 @@ def test_fit_streams_an_iterator_and_draws_what_the_steps_use():
 
 
 def test_fit_ends_where_the_iterator_does():
-    batches, _ = counting([FIT_BATCH] * 5)
-    result = fit(batch=batches, max_steps=100, opt=optax.sgd(1e-3))
-    assert result.stop_reason == "max_steps" and result.steps == 4  # 5 points: theta_0..theta_4
+    """5 batches: 5 points, theta_0 .. theta_4, outside jit and under it."""
+    sgd = optax.sgd(1e-3)
+    result = fit(batch=counting([FIT_BATCH] * 5)[0], max_steps=100, opt=sgd)
+    assert result.stop_reason == "max_steps" and result.steps == 4
+
+    @jax.jit
+    def traced(params):
+        return pb.fit(FIT_RESIDUALS, params, sgd, iter([FIT_BATCH] * 5), max_steps=100)
+
+    result = traced(FIT_PARAMS)
+    assert result.stop_reason == "max_steps" and int(result.steps) == 4
 
 
 def test_fit_keeps_nan_in_the_data_honest():

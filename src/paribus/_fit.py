@@ -503,7 +503,8 @@ def _judge(value, gnorm, fs: FitState, trend, tols: _Tols, at_limit):
     code = jnp.where(still, jnp.where(small, _CODE["step"], _CODE["stalled"]), code)
     limit = jnp.where(small, _CODE["step"], _CODE["damping_limit"])
     code = jnp.where(fs.pending == _LIMIT, limit, code)
-    diverged = (value > tols.diverge * fs.best_loss) | (trend.drift >= _STALL_STEPS)
+    grown = (value > tols.diverge * fs.best_loss) & (fs.best_loss > 0)
+    diverged = grown | (trend.drift >= _STALL_STEPS)
     code = jnp.where(diverged, _CODE["diverged"], code)
     code = jnp.where(gnorm <= tols.grad, _CODE["gradient"], code)
     code = jnp.where(value <= tols.target, _CODE["target_loss"], code)
@@ -606,10 +607,6 @@ def _batch_at(cfg: _Config, data: PyTree, k, j) -> PyTree:
     batch, indices = data
     rows = indices[k % indices.shape[0]]
     return jax.tree.map(lambda a: a[rows], batch)
-
-
-def _tree_where(pred, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
 def _hook(cfg: _Config, hook_id, every, k, value, gnorm, last, done, params):
@@ -837,14 +834,14 @@ class _Stream:
 
     def __init__(self, batches: Iterator, size: int):
         self.batches, self.size = batches, size
-        self.ahead = [self._next(0)]
+        self.ahead = [self._next()]
         if self.ahead[0] is None:
             raise ValueError("pb.fit: the batch iterator gave no batches.")
         first = self.ahead[0]
         self.signature = jax.tree.structure(first), [np.shape(a) for a in jax.tree.leaves(first)]
         self.drawn = 1
 
-    def _next(self, i: int):
+    def _next(self):
         try:
             return next(self.batches)
         except StopIteration:
@@ -858,7 +855,7 @@ class _Stream:
         want = min(self.size, limit - k + 1)
         items = self.ahead
         while len(items) < want + 1:
-            item = self._next(self.drawn)
+            item = self._next()
             if item is None:
                 break
             self._check(item, self.drawn)
@@ -1050,15 +1047,19 @@ def _check_outputs(residual_fn, params, batch, loss) -> None:
 
 
 def _solver_loss(opt) -> tuple[bool, Any]:
-    """(found, loss) from the closure of a paribus solver's update (loss= of its factory)."""
+    """(found, loss) from the closure of a paribus solver's update (loss= of its factory).
+
+    A stand-in until the solvers expose their loss: the factories keep it in their closure.
+    """
     update = getattr(opt, "update", None)
     code, cells = getattr(update, "__code__", None), getattr(update, "__closure__", None)
-    if code is None or not cells:
+    if code is None or not cells or not getattr(update, "__module__", "").startswith("paribus."):
         return False, None
     cells = dict(zip(code.co_freevars, cells, strict=True))
     if "loss" not in cells:
         return False, None
-    return True, cells["loss"].cell_contents
+    loss = cells["loss"].cell_contents
+    return loss is None or _is_loss(loss), loss
 
 
 def _is_loss(x: Any) -> bool:
@@ -1268,28 +1269,38 @@ def fit(
     or drop its steps (members before it, ``MultiSteps``, ``multi_transform``, ``masked``, a
     chained clip or scale) raise ``ValueError``.
 
-    Stopping, at theta_k, in this order (``FitResult.converged`` is True for the first three):
+    Stopping, at theta_k, from L_k, g_k and what step k left; the first rule that holds wins
+    (``FitResult.converged`` is True for "target_loss", "gradient" and "step" only):
 
-    - "target_loss": L_k <= ``target_loss``.
-    - "gradient": ||g_k|| <= ``grad_tol``.
-    - "step": step k could not move theta and the gradient is small: an accepted non-zero
-      update with theta_k + delta == theta_k in every entry in this dtype (or, with
-      ``step_tol``, ||delta|| <= step_tol (||theta|| + step_tol)), or a rejected non-zero trial
-      whose loss equals L to rounding, or LM at its largest damping; "small" is
-      ||g_k|| <= max(grad_tol, grad_rtol max_(i<=k) ||g_i||).
-    - "stalled": the same, but the gradient is not small (stagnation away from a stationary
-      point); "damping_limit": LM rejecting at its largest damping, the gradient not small.
-    - "diverged": L_k > ``diverge_factor`` min_(i<k) L_i.
-    - "non_finite": L_k or g_k is NaN or inf. theta_k is not returned: the run goes back to
-      theta_(k-1) and its optimiser state (the last finite iterate).
-    - "callback": ``callback`` returned True. "max_steps": ``max_steps`` steps were taken.
-    - "composition" (under ``jit`` only; outside it raises): a transformation chained after a
-      Jacobian-based one changed its step. "underflow" (outside ``jit``): L_0 == 0 while a
-      residual is not zero: 1/2 ||r||^2 underflowed, nothing was tested; rescale r.
+    - "non_finite": L_k or ||g_k|| is NaN or inf. theta_k is not returned: theta_(k-1) and
+      its optimiser state are (the last finite iterate).
+    - "target_loss": L_k <= ``target_loss``. "gradient": ||g_k|| <= ``grad_tol``.
+    - "diverged": L_k > ``diverge_factor`` min_(i<k) L_i; or, 50 steps in a row, ||theta||
+      grew by more than sqrt(eps) at a small gradient while L fell by less than sqrt(eps) L (a
+      minimum at infinity, approached for ever).
+    - "step" if the gradient is small, else "stalled": no further progress is possible in this
+      dtype. Step k was accepted, non-zero, and left theta unchanged: theta + delta == theta
+      in every entry (a Jacobian-based step also when ||delta|| <= eps ||theta||; with
+      ``step_tol``, also when ||delta|| <= step_tol (||theta|| + step_tol)); or it was a
+      rejected non-zero trial whose loss equals L to 2 eps L (more damping only shrinks the
+      next one); or L_k <= eps^2 L_0 (the residuals at rounding level); or 50 accepted
+      Jacobian-based steps found no lower loss (Gauss-Newton wandering at the rounding floor,
+      or bouncing far from a minimum). "Small": ||g_k|| <= max(grad_tol, grad_rtol G), G the
+      largest ||g_i|| seen at a loss <= L_0 (an excursion above the start does not count).
+    - "damping_limit": LM rejected step k at its largest damping, the gradient not small
+      (with a small gradient: "step").
+    - "composition" (raised as ``ValueError`` outside ``jit``): a transformation chained after
+      a Jacobian-based one changed its step. "callback": ``callback`` returned True.
+      "max_steps": ``max_steps`` steps were taken (an iterator that ran out ends so too).
+    - "underflow" (outside ``jit``): a convergence stop with L_0 == 0 while a residual is not:
+      1/2 ||r||^2 underflowed (residuals near 1e-20 in float32) and nothing was tested;
+      rescale r. L computed to avoid it would underflow just the same in the loss's dtype.
 
-    A zero update is a declined step (a rejected trial), never convergence. Outside ``jit``,
-    with ``loss``, a gradient or step stop is confirmed with the true gradient at the returned
-    params (the whitened model's can vanish where the loss saturates), else "stalled".
+    A zero update is a declined step (a rejected trial, or a failed factorisation zeroed as
+    one), never convergence. With a Jacobian-based optimiser the loop tests the L and ||g||
+    its StepInfo reports (J^T r: the true gradient for 1/2 ||r||^2); outside ``jit``, with a
+    ``loss``, a "gradient" or "step" stop is confirmed with the true gradient at the returned
+    params (a whitened model's can vanish where the loss saturates), else "stalled".
 
     Args:
       residual_fn: ``residual_fn(params, batch)`` -> residuals (a float array or pytree of
@@ -1304,15 +1315,18 @@ def fit(
         >= 1. Not a compile-time constant outside ``jit``: a new value reuses the loop.
       target_loss: stop ("target_loss") when L <= this.
       grad_tol: stop ("gradient") when ||g|| <= this; the floor of "a small gradient".
-      grad_rtol: "a small gradient" relative to the largest seen; default sqrt(eps).
+      grad_rtol: "a small gradient" relative to the largest seen (see "step"); default
+        sqrt(eps) of the parameters' dtype.
       step_tol: also count accepted steps with ||delta|| <= step_tol (||theta|| + step_tol)
         as not moving theta; default None: only theta + delta == theta.
       diverge_factor: "diverged" when L exceeds this multiple of the lowest loss seen.
-        Default: 1e12 with one batch (Gauss-Newton's first steps on a badly scaled problem can raise
-        the loss 1e10-fold and recover); no test with minibatches (their losses are not
+        Default: 1e12 with one batch (Gauss-Newton's first step on a badly scaled problem can
+        raise the loss 1e10-fold and recover); no test with minibatches (their losses are not
         comparable), unless given. ``float("inf")`` switches it off.
-      loss: None for 1/2 ||r||^2, or an ``OutputLoss`` (``pb.losses.softmax_cross_entropy()``;
-        the same as the optimiser's, which is checked for paribus solvers).
+      loss: None for 1/2 ||r||^2 (or the loss ``residual_fn`` carries, e.g.
+        ``pb.losses.network_outputs(apply, loss)``), or a loss object with ``value`` and
+        ``whiten`` such as ``pb.losses.softmax_cross_entropy()``. A paribus solver built with
+        another loss is refused: one run minimises one objective.
       batch_indices: (S, B) integer array in [0, N): step k uses the examples
         ``batch_indices[k % S]`` of ``batch`` (k counts from the first run when resuming).
       state: ``result.state`` of an earlier run (or an optimiser state): continue from it.
@@ -1400,9 +1414,10 @@ def fit(
     carry = _Carry(params, fs, np.int32(_RUNNING))
     k0 = fs.step
     if traced:
+        limit = max_steps
         if stream is not None:
-            data, _ = stream.chunk(0, max_steps)
-        limit = k0 + max_steps
+            data, limit = stream.chunk(0, max_steps)
+        limit = k0 + limit
         carry, rows_, _ = _run(cfg, carry, fresh, data, limit, tols, np.int32(0), np.int32(1))
         return _finish_traced(cfg, carry, rows_, k0)
 
