@@ -84,7 +84,11 @@ def test_non_finite_iterates_are_never_returned():
         assert result.stop_reason == "non_finite" and not result.converged
         np.testing.assert_array_equal(result.params, [start])
         assert result.steps == 0 and np.all(np.isfinite(result.history.loss))
-    assert int(gn.state.opt_state.count) == 0, "the state is the returned point's"
+    # The state after the failed step: its StepInfo describes it.
+    assert int(gn.state.opt_state.count) == 1 and int(gn.state.step) == 0
+    assert (
+        bool(gn.state.opt_state.step_info.accepted) and gn.state.opt_state.step_info.step_norm > 100
+    )
 
 
 def test_nan_at_the_start_stops_at_step_zero():
