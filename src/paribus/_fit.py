@@ -556,16 +556,30 @@ def _mismatch(step: _Step, dtype) -> jax.Array:
 # --- the loop --------------------------------------------------------------------------------
 
 
-class _Carry(NamedTuple):
+class _Point(NamedTuple):
     params: PyTree
     state: FitState
+
+
+class _Carry(NamedTuple):
+    """What a chunk of the loop hands the next one, and the result.
+
+    The loop advances unconditionally, so a stopped run ends at ``prev``, not ``cur``: no
+    select per leaf of the parameters and the optimiser state at every step (a kernel each,
+    a tenth of the loop's compile time), and no ``lax.cond`` (on a GPU a cond in the loop body
+    reads its predicate on the host at every step).
+    """
+
+    cur: _Point  # the next point to evaluate
+    prev: _Point  # the last point evaluated: where a stopped run ends
+    back: PyTree  # the params before prev: where a non-finite prev rolls back to
+    has_prev: jax.Array  # prev exists (cur is not the first point of the run)
+    undo: jax.Array  # roll back: prev was not finite
     code: jax.Array
 
 
 class _Loop(NamedTuple):
     carry: _Carry
-    back: PyTree  # theta_(k-1): where a non-finite theta_k rolls back to
-    has_back: jax.Array
     last: tuple  # the diagnostics of the step into theta_k (for the callback)
     j: jax.Array  # rows written
     rows: jax.Array  # (rows, 8): see _empty_rows
@@ -609,10 +623,6 @@ def _batch_at(cfg: _Config, data: PyTree, k, j) -> PyTree:
     return jax.tree.map(lambda a: a[rows], batch)
 
 
-def _tree_where(pred, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
-
-
 def _hook(cfg: _Config, hook_id, every, k, value, gnorm, last, done, params):
     """The host callback at theta_k: (stop requested, seconds since theta_0)."""
     shapes = (jax.ShapeDtypeStruct((), bool), jax.ShapeDtypeStruct((), jnp.result_type(float)))
@@ -631,7 +641,7 @@ def _body(cfg: _Config, data, limit, tols: _Tols, hook_id, every, dtype):
     eps = jnp.finfo(dtype).eps
 
     def body(loop: _Loop) -> _Loop:
-        params, fs, _ = loop.carry
+        params, fs = loop.carry.cur
         k = fs.step
         step = _step(cfg, params, fs.opt_state, _batch_at(cfg, data, k, loop.j), dtype)
         trend = _trend(step, fs, params, tols, eps, first_order=cfg.info_path is None)
@@ -647,27 +657,16 @@ def _body(cfg: _Config, data, limit, tols: _Tols, hook_id, every, dtype):
             code = jnp.where((code == _RUNNING) & stop, _CODE["callback"], code)
         new_params = optax.apply_updates(params, step.updates)
         going = _advance(fs, step, trend, _pending(params, new_params, step, tols, eps))
-        # Stopped at theta_k: it is returned, except a non-finite one, which goes back to
-        # theta_(k-1). Its optimiser state stays the one after the failed step: carrying the
-        # state before it too cost a tenth of the loop's compile time (a select per leaf),
-        # for a run that is over. Selects, not a lax.cond: on a GPU a cond in the loop body
-        # reads its predicate on the host at every step.
-        undo = (code == _CODE["non_finite"]) & loop.has_back
-        stay_fs = fs._replace(
-            step=k - undo.astype(k.dtype),
-            pending=jnp.where(undo, _NOTHING, fs.pending).astype(jnp.int32),
+        carry = _Carry(
+            cur=_Point(new_params, going),
+            prev=loop.carry.cur,
+            back=loop.carry.prev.params,
+            has_prev=jnp.ones((), bool),
+            undo=(code == _CODE["non_finite"]) & loop.carry.has_prev,
+            code=code,
         )
-        go = code == _RUNNING
-        out_fs = _tree_where(go, going, stay_fs)
-        out_params = _tree_where(go, new_params, _tree_where(undo, loop.back, params))
-        return _Loop(
-            carry=_Carry(out_params, out_fs, code),
-            back=params,
-            has_back=jnp.ones((), bool),
-            last=step.diag if cfg.hooks else (),
-            j=loop.j + 1,
-            rows=_record(loop.rows, loop.j, step, seconds),
-        )
+        last = step.diag if cfg.hooks else ()
+        return _Loop(carry, last, loop.j + 1, _record(loop.rows, loop.j, step, seconds))
 
     return body
 
@@ -737,22 +736,22 @@ def _record(rows: jax.Array, j, step: _Step, seconds) -> jax.Array:
 
 
 def _loop(cfg: _Config, carry: _Carry, fresh, data, limit, tols: _Tols, hook_id, every):
-    """Run from ``carry`` until a stop or ``cfg.rows`` points; returns (carry, rows, n rows).
+    """Run from ``carry.cur`` until a stop or ``cfg.rows`` points; returns (carry, rows, n).
 
     ``fresh``: the optimiser state is ``opt.init(params)`` (the carried one is a placeholder of
     the same structure), so one compiled loop serves a first call and a resumed one.
     """
-    params, fs, _ = carry
+    params, fs = carry.cur
     dtype = _tree.param_dtype(params)
     # A cond, not a select per leaf: each scalar select is a kernel of its own on the CPU.
     opt_state = jax.lax.cond(fresh, lambda: cfg.opt.init(params), lambda: fs.opt_state)
-    fs = fs._replace(opt_state=opt_state)
+    cur = _Point(params, fs._replace(opt_state=opt_state))
+    prev = _Point(carry.prev.params, cur.state)
     nan = jnp.full((), jnp.nan, dtype)
     last = (nan, nan, jnp.zeros((), bool), nan, jnp.full((), -1, jnp.int32))
+    running = jnp.full((), _RUNNING, jnp.int32)
     loop = _Loop(
-        carry=_Carry(params, fs, jnp.full((), _RUNNING, jnp.int32)),
-        back=params,
-        has_back=jnp.zeros((), bool),
+        carry=carry._replace(cur=cur, prev=prev, undo=jnp.zeros((), bool), code=running),
         last=last if cfg.hooks else (),
         j=jnp.zeros((), jnp.int32),
         rows=_empty_rows(cfg.rows, dtype),
@@ -764,6 +763,30 @@ def _loop(cfg: _Config, carry: _Carry, fresh, data, limit, tols: _Tols, hook_id,
     body = _body(cfg, data, limit, tols, hook_id, every, dtype)
     loop = jax.lax.while_loop(cond, body, loop)
     return loop.carry, loop.rows, loop.j
+
+
+def _start(params, fs: FitState) -> _Carry:
+    point = _Point(params, fs)
+    false = np.zeros((), bool)
+    return _Carry(point, point, params, false, false, np.int32(_RUNNING))
+
+
+def _stopped(carry: _Carry, xp) -> _Point:
+    """Where a stopped run ends: ``prev``, or the point before it when prev was not finite
+    (with the optimiser state after the step that failed, whose StepInfo describes it)."""
+    params, state = carry.prev
+    if xp is np:  # concrete: choose on the host, nothing to compile
+        if not bool(carry.undo):
+            return carry.prev
+        return _Point(carry.back, state._replace(step=np.int32(int(state.step) - 1),
+                                                 pending=np.int32(_NOTHING)))  # fmt: skip
+    undo = carry.undo
+    params = jax.tree.map(lambda a, b: jnp.where(undo, a, b), carry.back, params)
+    state = state._replace(
+        step=state.step - undo.astype(state.step.dtype),
+        pending=jnp.where(undo, _NOTHING, state.pending).astype(jnp.int32),
+    )
+    return _Point(params, state)
 
 
 _run = jax.jit(_loop, static_argnames="cfg")
@@ -895,7 +918,7 @@ def _host_loop(cfg, carry, fresh, data, stream, limit, tols, hook, every):
     chunks, last_data = [], data
     try:
         while True:
-            k0 = int(carry.state.step)
+            k0 = int(carry.cur.state.step)
             chunk_limit = limit
             if stream is not None:
                 data, chunk_limit = stream.chunk(k0, limit)
@@ -944,26 +967,26 @@ def _is_traced(tree: PyTree) -> bool:
 
 
 def _finish_traced(cfg, carry: _Carry, rows, k0) -> FitResult:
-    steps = carry.state.step - k0
-    dtype = _tree.param_dtype(carry.params)
+    end = _stopped(carry, jnp)
+    steps = end.state.step - k0
+    dtype = _tree.param_dtype(end.params)
     history = _history(_unpack(rows, dtype, cfg.hooks, jnp), steps, jnp)
     past = jnp.arange(cfg.rows) > steps
     blank = _unpack(_empty_rows(cfg.rows, dtype), dtype, cfg.hooks, jnp)
     history = jax.tree.map(lambda a, b: jnp.where(past, b, a), history, blank)
     reason = StopReason(carry.code)
-    return FitResult(carry.params, history, steps, reason, carry.state, reason.converged)
+    return FitResult(end.params, history, steps, reason, end.state, reason.converged)
 
 
 def _finish_host(cfg, carry: _Carry, chunks, k0: int) -> tuple[FitResult, int]:
-    steps = int(carry.state.step) - k0
+    end = _stopped(carry, np)
+    steps = int(end.state.step) - k0
     rows = np.concatenate(chunks)[: steps + 1]
-    dtype = _tree.param_dtype(carry.params)
+    dtype = _tree.param_dtype(end.params)
     history = _history(_unpack(rows, dtype, cfg.hooks, np), steps, np)
     code = int(carry.code)
     reason = StopReason(np.int32(code))
-    return FitResult(
-        carry.params, history, steps, reason, carry.state, bool(reason.converged)
-    ), code
+    return FitResult(end.params, history, steps, reason, end.state, bool(reason.converged)), code
 
 
 # --- checks at the call ----------------------------------------------------------------------
@@ -1418,7 +1441,7 @@ def fit(
     chained = _chained(shape_state, info_path)
     same = _Same(residual_fn), _Same(opt), _Same(loss)
     cfg = _Config(*same, schedule, rows, info_path, chained, hooks, send)
-    carry = _Carry(params, fs, np.int32(_RUNNING))
+    carry = _start(params, fs)
     k0 = fs.step
     if traced:
         limit = max_steps
@@ -1439,5 +1462,5 @@ def fit(
     result, code = _finish_host(cfg, carry, chunks, k0)
     if code == _CODE["composition"]:
         raise _composition_error(result, info_path)
-    last = _point_batch(cfg, last_data, int(carry.state.step), k_chunk)
+    last = _point_batch(cfg, last_data, int(result.state.step), k_chunk)
     return _confirm(result, cfg, tols, last)
