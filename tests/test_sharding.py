@@ -248,7 +248,7 @@ def test_library_dual_step_sharded_bare_and_refined(mesh, problem):
     forced = _linear.DualOptions(max_steps=20, tol=1e-12, switch=np.inf)
 
     def steps(p, b):
-        model = _model.build(residual_fn, p, b, where="test", factored=True)
+        model = _model.build(residual_fn, p, b, where="test")
         bare = _linear.dual(model, 1e-3, None, False, _linear.DualOptions(max_steps=0))
         refined = _linear.dual(model, 1e-3, None, False, forced)
         return bare[:2], refined[:2]

@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from paribus import curvature, losses, memory, nets, sharding, solvers
 from paribus._fit import STOP_REASONS, FitResult, History, fit
 from paribus._jacobian import Jacobian, jacobian
+from paribus._linearize import Linearization, Plan, linearize
 from paribus._tree import num_params
 from paribus.curvature import (
     ggn_operator,
@@ -55,7 +56,9 @@ __all__ = [
     "Jacobian",
     "JacobianCheck",
     "LevenbergMarquardtState",
+    "Linearization",
     "PerExample",
+    "Plan",
     "StepInfo",
     "__version__",
     "check_jacobian",
@@ -67,6 +70,7 @@ __all__ = [
     "jacobian",
     "jtj_diag",
     "levenberg_marquardt",
+    "linearize",
     "loss",
     "loss_and_grad",
     "losses",

@@ -59,11 +59,9 @@ def setup(residual_fn, params, batch, loss, solve, budget, *, where: str):
     require_extras(residual_fn, where=where)
     check_params(params, where=where)
     flat, unravel = ravel_pytree(params)
-    n_res = _model.n_residuals(residual_fn, params, batch, loss)
+    model = _model.build(residual_fn, params, batch, loss, where=where)
     itemsize = np.dtype(flat.dtype).itemsize
-    form = _linear.choose(solve, n_res, flat.size, itemsize, budget)
-    # The dual form needs the NTK's factors anyway: r, J v and J^T u come from them too.
-    model = _model.build(residual_fn, params, batch, loss, where=where, factored=form == "dual")
+    form = _linear.choose(solve, int(model.r.shape[0]), flat.size, itemsize, budget)
     return model, form, flat, unravel
 
 

@@ -65,11 +65,7 @@ def _first_damping(state, model, d, rule_tau):
     def relative():
         return jnp.asarray(rule_tau * jnp.max(model.jtj_diag()), state.damping.dtype)
 
-    lam = jax.lax.cond(state.count == 0, relative, lambda: state.damping)
-    # Values traced inside the cond branch must not leak out of it through the memos.
-    for memo in (model.jacobian, model.ntk, model.jtj_diag):
-        memo.cache_clear()
-    return lam
+    return jax.lax.cond(state.count == 0, relative, lambda: state.damping)
 
 
 def _check_config(solve, damping, scaling, damping_bounds, *, where):
@@ -201,7 +197,7 @@ def levenberg_marquardt(
         # 16-1024-1024-1, N = 1024).
         trial = jax.tree.map(jnp.add, params, unravel(delta))
         _common.trial_structure_check(residual_fn, params, trial, batch, where=where)
-        trial_value = _model.objective(residual_fn, trial, batch, loss)
+        trial_value = _model.objective(residual_fn, trial, batch, model.linearization.loss)
         rho = gain_ratio(model.value, trial_value, jd, model.r, ok)
         accepted = rho > rule.threshold
         snorm = jnp.linalg.norm(delta if d is None else jnp.sqrt(d) * delta)
