@@ -79,7 +79,7 @@ def test_nudge_moves_only_one_parameter():
         seen.append(p)
         return p["a"][1] * p["b"]
 
-    value = pb.nudge(f, params, "a[1]", eps=1e-3)
+    value = pb.nudge(f, params, "a[1]", step=1e-3)
     np.testing.assert_allclose(value, -0.5, rtol=1e-12)
     up, down = seen
     np.testing.assert_array_equal(up["a"][jnp.array([0, 2])], [1.0, 3.0])
@@ -200,3 +200,58 @@ class TestBadInputs:
     def test_per_example_grads_needs_a_scalar_loss(self):
         with pytest.raises(ValueError, match="must return a scalar for one example"):
             pb.per_example_grads(lambda p, x: p["a"] * x, self.params, jnp.ones((4, 3)))
+
+
+class TestIndexAndStep:
+    """A partial derivative is never a plausible wrong number (issues 12, 13)."""
+
+    params = {"a": jnp.array([1.0, 2.0, 3.0]), "b": jnp.array(-0.5)}
+    size = 4
+
+    @staticmethod
+    def f(p):
+        return jnp.sum(p["a"] ** 2) * p["b"]
+
+    def test_concrete_array_indices_are_checked_like_ints(self):
+        grad = ravel_pytree(jax.grad(self.f)(self.params))[0]
+        for k in (jnp.int32(2), np.int64(-1), jnp.array(0, jnp.int64)):
+            np.testing.assert_allclose(pb.partial(self.f, self.params, k), grad[int(k)])
+        for k in (jnp.int32(1000), jnp.int32(4), np.int64(-5)):
+            with pytest.raises(IndexError, match=f"index {int(k)} out of range for P = 4"):
+                pb.partial(self.f, self.params, k)
+            with pytest.raises(IndexError, match="out of range"):
+                pb.nudge(self.f, self.params, k)
+
+    def test_traced_indices_out_of_range_give_nan(self):
+        grad = ravel_pytree(jax.grad(self.f)(self.params))[0]
+        ks = jnp.array([0, 3, -1, -4, 4, -5, 1000, jnp.iinfo(jnp.int32).min], jnp.int32)
+        exact = jax.jit(jax.vmap(lambda k: pb.partial(self.f, self.params, k)))(ks)
+        nudged = jax.jit(jax.vmap(lambda k: pb.nudge(self.f, self.params, k)))(ks)
+        want = np.array([grad[0], grad[3], grad[3], grad[0]] + [np.nan] * 4)
+        np.testing.assert_allclose(exact, want, rtol=1e-12)  # NaN only where NaN is wanted
+        np.testing.assert_allclose(nudged, want, rtol=1e-7)
+        # Pytree outputs: every float leaf is NaN.
+        out = jax.jit(lambda k: pb.partial(lambda p: {"x": p["a"], "y": p["b"]}, self.params, k))
+        assert all(jnp.all(jnp.isnan(leaf)) for leaf in jax.tree.leaves(out(jnp.int32(9))))
+
+    def test_step_is_keyword_only_and_checked(self):
+        np.testing.assert_allclose(
+            pb.nudge(self.f, self.params, "a[1]", step=1e-4), 2 * 2.0 * -0.5, rtol=1e-7
+        )
+        with pytest.raises(TypeError):
+            pb.nudge(self.f, self.params, 1, 1e-3)  # positional: ambiguous with k
+        with pytest.raises(TypeError):
+            pb.nudge(self.f, self.params, 1, eps=1e-3)  # the old name
+        for step in (0.0, -1e-3, float("nan"), float("inf"), -float("inf")):
+            with pytest.raises(ValueError, match="step must be a finite number > 0"):
+                pb.nudge(self.f, self.params, 1, step=step)
+        with pytest.raises(TypeError, match="step must be a positive number"):
+            pb.nudge(self.f, self.params, 1, step=jnp.array([1e-3, 1e-3]))
+        with pytest.raises(ValueError, match=r"does not move theta_k = 2.0 in float64"):
+            pb.nudge(self.f, self.params, 1, step=1e-300)
+
+    def test_traced_bad_steps_give_nan(self):
+        fn = jax.jit(jax.vmap(lambda h: pb.nudge(self.f, self.params, 1, step=h)))
+        got = fn(jnp.array([1e-4, 0.0, -1e-4, jnp.inf, jnp.nan, 1e-300]))
+        np.testing.assert_allclose(got[0], -2.0, rtol=1e-7)
+        assert np.all(np.isnan(got[1:]))  # 1e-300: theta_k + h == theta_k - h, 0 / 0

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import paribus as pb
 from paribus import losses
 
 LOGITS = st.integers(1, 6).flatmap(
@@ -105,3 +106,101 @@ def test_bad_targets_raise():
         losses.squared().whiten(jnp.zeros((2, 3)), jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"outputs \(N, m\)"):
         losses.whiten_batch(losses.squared(), jnp.zeros(3), jnp.zeros(3))
+
+
+# ------------------------------------------------------------------ targets are checked (issue 12)
+
+CE, BCE = losses.softmax_cross_entropy(), losses.sigmoid_binary_cross_entropy()
+BAD_TARGETS = [
+    (CE, jnp.array(3), r"integer class label in \[0, m\)"),
+    (CE, jnp.array(-1), "got 1 invalid target of 1: -1"),
+    (CE, jnp.array(100), "m = 3 outputs"),
+    (CE, jnp.array([0.5, 0.6, 0.0]), "sum to 1"),  # sums to 1.1: the GGN would be off by 1.1
+    (CE, jnp.array([1.5, -0.5, 0.0]), ">= 0"),  # sums to 1, but not probabilities
+    (CE, jnp.array([jnp.nan, 0.5, 0.5]), "probabilities"),
+    (BCE, jnp.array([-1.0, 1.0, 1.0]), r"in \[0, 1\]"),
+    (BCE, jnp.array([0.0, 2.0, 1.0]), "not -1/\\+1"),
+]
+
+
+@pytest.mark.parametrize(("loss", "t", "match"), BAD_TARGETS)
+def test_invalid_targets_raise_where_concrete_and_give_nan_under_jit(loss, t, match):
+    z = jnp.array([0.3, -1.2, 2.0])
+    for fn in (loss.value, loss.whiten):
+        with pytest.raises(ValueError, match=match):
+            fn(z, t)
+    with pytest.raises(ValueError, match=match):
+        losses.check_targets(loss, t, 3)
+    value = jax.jit(loss.value)(z, t)
+    grad = jax.jit(jax.grad(loss.value))(z, t)
+    rw, s = jax.jit(loss.whiten)(z, t)
+    assert jnp.isnan(value) and jnp.all(jnp.isnan(grad)) and jnp.all(jnp.isnan(rw))
+    chex.assert_tree_all_finite(s)  # the curvature does not depend on the target
+
+
+@pytest.mark.parametrize(("loss", "t"), [(CE, jnp.array(2)), (CE, jnp.array([0.2, 0.3, 0.5]))])
+def test_valid_targets_are_untouched_under_jit(loss, t):
+    z = jnp.array([0.3, -1.2, 2.0])
+    chex.assert_trees_all_close(jax.jit(loss.whiten)(z, t), loss.whiten(z, t), rtol=1e-15)
+    np.testing.assert_allclose(jax.jit(loss.value)(z, t), loss.value(z, t), rtol=1e-15)
+    chex.assert_tree_all_finite(jax.jit(jax.grad(loss.value))(z, t))
+
+
+def test_probabilities_within_float32_rounding_of_one_are_accepted():
+    logits = jax.random.normal(jax.random.key(0), (4, 1000), jnp.float32)
+    t = jax.nn.softmax(logits).astype(jnp.float64)  # a float32 teacher's probabilities
+    losses.check_targets(CE, t, 1000)
+    losses.check_targets(CE, jnp.full((2, 3), (1 + 2e-4) / 3), 3)
+    with pytest.raises(ValueError, match="sum to 1"):
+        losses.check_targets(CE, jnp.full((2, 3), (1 + 1e-3) / 3), 3)
+
+
+def test_a_batch_check_names_the_examples():
+    labels = jnp.array([0, 3, 1, -1, 2, 100, 7])
+    with pytest.raises(ValueError, match=r"got 4 invalid targets of 7: example 1: 3; example 3"):
+        losses.whiten_batch(CE, jnp.zeros((7, 3)), labels)
+    with pytest.raises(ValueError, match=r"example 1: \[ 0.,  1., -1.\]"):
+        losses.check_targets(BCE, jnp.array([[0.0, 1.0, 1.0], [0.0, 1.0, -1.0]]), 3)
+    losses.check_targets(losses.squared(), jnp.full((2, 3), 7.0), 3)  # anything goes
+    # Traced targets cannot be read on the host: no error, the loss gives NaN instead.
+    jax.jit(lambda t: losses.check_targets(CE, t, 3))(labels)
+    values = jax.jit(lambda t: losses.whiten_batch(CE, jnp.zeros((7, 3)), t)[0])(labels)
+    np.testing.assert_array_equal(jnp.isnan(values), [False, True, False, True, False, True, True])
+
+
+def test_network_outputs_carries_its_loss_and_checks_concrete_targets():
+    init, apply = pb.nets.mlp([2, 4, 3])
+    params = init(jax.random.key(0))
+    xs, labels = jnp.ones((5, 2)), jnp.array([0, 1, 2, 1, 3])
+    plain = losses.network_outputs(apply)
+    assert plain.loss is None
+    z, t = plain(params, (xs, labels))  # no loss: nothing to check the labels against
+    chex.assert_shape(z, (5, 3))
+    fn = losses.network_outputs(apply, CE)
+    assert fn.loss is CE and isinstance(fn, pb.PerExample) and fn.apply is apply
+    with pytest.raises(ValueError, match="example 4: 3"):
+        fn(params, (xs, labels))
+    with pytest.raises(TypeError, match="network_outputs: loss must be an OutputLoss"):
+        losses.network_outputs(apply, losses.huber())  # a residual loss: not of (z, t)
+    z, t = jax.jit(fn)(params, (xs, labels))  # traced: checked by the loss, as NaN
+    values = jax.vmap(CE.value)(z, t)
+    np.testing.assert_array_equal(jnp.isnan(values), [False] * 4 + [True])
+
+
+def test_fit_with_invalid_labels_does_not_report_success():
+    init, apply = pb.nets.mlp([2, 4, 3])
+    batch = (jax.random.normal(jax.random.key(1), (6, 2)), jnp.array([0, 1, 2, 1, 0, 5]))
+    try:
+        result = pb.fit(
+            losses.network_outputs(apply),
+            init(jax.random.key(0)),
+            pb.gauss_newton(loss=CE),
+            batch,
+            max_steps=5,
+            loss=CE,
+        )
+    except ValueError as error:  # a host-side check at fit's boundary is as good
+        assert "class label" in str(error)
+    else:
+        assert result.stop_reason == "non_finite"
+        assert not getattr(result, "converged", False)

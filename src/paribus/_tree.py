@@ -18,21 +18,47 @@ from jax.flatten_util import ravel_pytree
 PyTree = Any
 
 
+# Characters that structure a label: a key containing one (or empty) is written quoted.
+_STRUCTURAL = frozenset("[].,'\"\\")
+
+
+def key_name(key: Any) -> str:
+    """A dict key or attribute name as it appears in a label.
+
+    Written bare when that cannot be misread: a string with no brackets, dots, commas, quotes,
+    backslashes or whitespace (``w``, ``Dense_0``, ``mlp/~/linear``), or an int. Anything else
+    is quoted as a Python literal: ``'a[0]'``, ``'layer 1'``, ``''``, and non-string keys by
+    the repr of their str (``'1.5'``). So the leaf ``{"a[0]": x}`` is ``'a[0]'`` and element 0
+    of ``{"a": [x]}`` or ``{"a": x}`` is ``a[0]``. A string key of digits stays bare: JAX
+    cannot sort str and int keys together, so "0" and 0 never share a dict.
+    """
+    if isinstance(key, int | np.integer) and not isinstance(key, bool | np.bool_):
+        return str(int(key))
+    if isinstance(key, str) and key and not any(c in _STRUCTURAL or c.isspace() for c in key):
+        return key
+    return repr(key if isinstance(key, str) else str(key))
+
+
 def path_name(path: Sequence[Any]) -> str:
-    """``(DictKey('layers'), SequenceKey(1), DictKey('w'))`` -> ``"layers[1].w"``."""
+    """``(DictKey('layers'), SequenceKey(1), DictKey('w'))`` -> ``"layers[1].w"``.
+
+    Keys are written by :func:`key_name`, so distinct paths of one pytree get distinct names
+    and no name followed by an index ``[i,j]`` equals another leaf's name.
+    """
     parts: list[str] = []
     for key in path:
         if isinstance(key, jax.tree_util.SequenceKey):
             parts.append(f"[{key.idx}]")
-        elif isinstance(key, jax.tree_util.DictKey):
-            name = str(key.key)
-            parts.append(name if not parts else f".{name}")
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name if not parts else f".{key.name}")
         elif isinstance(key, jax.tree_util.FlattenedIndexKey):
             parts.append(f"[{key.key}]")
-        else:  # pragma: no cover - custom key types
-            parts.append(str(key))
+        else:
+            if isinstance(key, jax.tree_util.DictKey):
+                name = key_name(key.key)
+            elif isinstance(key, jax.tree_util.GetAttrKey):
+                name = key_name(key.name)
+            else:  # pragma: no cover - custom key types
+                name = key_name(str(key))
+            parts.append(name if not parts else f".{name}")
     return "".join(parts) or "theta"
 
 
@@ -67,7 +93,14 @@ def _labels_cached(names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...]) 
 
 
 def num_params(params: PyTree) -> int:
-    """P, the number of scalars in ``params``."""
+    """P, the number of scalar parameters in ``params``: the length of
+    ``jax.flatten_util.ravel_pytree(params)[0]`` and the number of columns of the Jacobian.
+
+    Example:
+      >>> import jax.numpy as jnp, paribus as pb
+      >>> pb.num_params({"w": jnp.zeros((3, 2)), "b": jnp.zeros(2), "scale": 1.0})
+      9
+    """
     return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
 
 
@@ -91,31 +124,51 @@ def param_dtype(params: PyTree) -> jnp.dtype:
     return jnp.result_type(*jax.tree.leaves(params))
 
 
-def resolve_index(params: PyTree, k: int | str | jax.Array) -> int | jax.Array:
-    """A flat parameter index from an integer, a traced integer, or a column label."""
+def resolve_index(
+    params: PyTree, k: int | str | jax.Array
+) -> tuple[int | jax.Array, jax.Array | None]:
+    """``(index, valid)``: a flat parameter index in [0, P) from k, and whether k was in range.
+
+    k is an int, an integer scalar array or a column label. A label, an int or a concrete
+    array (``jnp.int32(5)``) is checked here (``KeyError`` / ``IndexError``, negative indices
+    count from the end) and ``valid`` is None. A traced k (under ``jit`` or ``vmap``) cannot
+    be checked on the host: ``valid`` is then a traced bool, False when k is outside
+    -P .. P - 1, and the index is clamped into range so that it can still be used; the caller
+    must make its result NaN where ``valid`` is False.
+    """
     size = num_params(params)
     if isinstance(k, str):
-        return _label_index(params, k)
+        return _label_index(params, k), None
     if isinstance(k, bool | np.bool_):
         raise TypeError(f"k must be an int, an integer scalar array or a label; got {k!r}.")
-    if isinstance(k, int | np.integer):
-        k = int(k)
-        if not -size <= k < size:
+    if not isinstance(k, jax.core.Tracer):
+        value = np.asarray(k)
+        if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+            raise TypeError(
+                "k must be an int, an integer scalar array or a label; got "
+                f"{value.dtype}{value.shape}."
+            )
+        index = int(value)
+        if not -size <= index < size:
             raise IndexError(
-                f"parameter index {k} out of range for P = {size} parameters "
+                f"parameter index {index} out of range for P = {size} parameters "
                 f"(valid: {-size} .. {size - 1})."
             )
-        return k % size
-    k = jnp.asarray(k)
+        return index % size, None
     if k.shape != () or not jnp.issubdtype(k.dtype, jnp.integer):
         raise TypeError(
             f"k must be an int, an integer scalar array or a label; got {k.dtype}{k.shape}."
         )
-    return k
+    valid = (k >= -size) & (k < size)
+    return jnp.clip(jnp.where(k < 0, k + size, k), 0, size - 1), valid
 
 
 def _label_index(params: PyTree, label: str) -> int:
-    """The column of ``label``; on a miss, say which leaves and index ranges exist."""
+    """The column of ``label``; on a miss, say which leaves and index ranges exist.
+
+    Only the exact labels of :func:`labels` match (``"a[0,1]"``, not ``"a[0, 1]"`` or
+    ``"a[+0,1]"``): with the quoting of :func:`key_name` at most one leaf then matches.
+    """
     names = leaf_names(params)
     shapes = [np.shape(leaf) for leaf in jax.tree.leaves(params)]
     start = 0
@@ -124,14 +177,12 @@ def _label_index(params: PyTree, label: str) -> int:
         if label == name and not shape:
             return start
         if shape and label.startswith(name + "[") and label.endswith("]"):
-            try:
-                index = tuple(int(i) for i in label[len(name) + 1 : -1].split(","))
-            except ValueError:
-                index = ()
-            if len(index) == len(shape) and all(
-                0 <= i < n for i, n in zip(index, shape, strict=True)
-            ):
-                return start + int(np.ravel_multi_index(index, shape))
+            digits = label[len(name) + 1 : -1].split(",")
+            if len(digits) == len(shape) and all(d.isdecimal() and d.isascii() for d in digits):
+                index = tuple(int(d) for d in digits)
+                canonical = all(str(i) == d for i, d in zip(index, digits, strict=True))
+                if canonical and all(i < n for i, n in zip(index, shape, strict=True)):
+                    return start + int(np.ravel_multi_index(index, shape))
         start += size
     leaves = ", ".join(f"{n} {tuple(s)}" for n, s in zip(names, shapes, strict=True))
     raise KeyError(

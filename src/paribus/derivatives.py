@@ -32,12 +32,15 @@ def partial(f: Callable[[PyTree], Any], params: PyTree, k: int | str | jax.Array
     Args:
       f: ``f(params) -> array`` (a scalar loss or a vector of outputs).
       params: any pytree of floats.
-      k: a flat index into ``ravel_pytree(params)`` (an int or integer scalar array), or a
-        column label such as ``"layers[0].w[0,3]"`` (see ``pb.jacobian(...).labels``).
+      k: a flat index into ``ravel_pytree(params)`` (an int or integer scalar array; negative
+        counts from the end), or a column label such as ``"layers[0].w[0,3]"`` (see
+        ``pb.jacobian(...).labels``). An index out of range raises ``IndexError``; a traced
+        index (under ``jit`` or ``vmap``) cannot be checked on the host, and out of range it
+        gives NaN, never a plausible 0.
 
     Returns:
-      An array shaped like ``f(params)``; for a vector-valued ``f`` it is column k of the
-      Jacobian of ``f``.
+      An array (or pytree) shaped like ``f(params)``; for a vector-valued ``f`` it is column k
+      of the Jacobian of ``f``.
 
     Example:
       >>> import jax.numpy as jnp, paribus as pb
@@ -46,9 +49,23 @@ def partial(f: Callable[[PyTree], Any], params: PyTree, k: int | str | jax.Array
       4.0
     """
     _tree.check_float_params(params, where="pb.partial")
-    index = _tree.resolve_index(params, k)
+    index, valid = _tree.resolve_index(params, k)
     tangent = _tree.one_hot_tree(params, index)
-    return jax.jvp(f, (params,), (tangent,))[1]
+    return _nan_unless(valid, jax.jvp(f, (params,), (tangent,))[1])
+
+
+def _nan_unless(valid: jax.Array | None, out: Any) -> Any:
+    """``out`` with every float leaf NaN where ``valid`` is False (None: always valid)."""
+    if valid is None:
+        return out
+
+    def poison(a):
+        a = jnp.asarray(a)
+        if not jnp.issubdtype(a.dtype, jnp.inexact):
+            return a
+        return jnp.where(valid, a, jnp.asarray(jnp.nan, a.dtype))
+
+    return jax.tree.map(poison, out)
 
 
 def default_step(dtype: Any, value: jax.Array) -> jax.Array:
@@ -58,11 +75,31 @@ def default_step(dtype: Any, value: jax.Array) -> jax.Array:
     return jnp.cbrt(jnp.asarray(eps, dtype)) * jnp.maximum(1.0, jnp.abs(value))
 
 
+def _check_step(step: Any) -> jax.Array | None:
+    """None when ``step`` is a concrete number > 0 (else ``ValueError``); for a traced step,
+    whether it is one."""
+    if isinstance(step, jax.core.Tracer):
+        if jnp.shape(step) != () or not jnp.issubdtype(step.dtype, jnp.floating):
+            raise TypeError(f"pb.nudge: step must be a float scalar; got {step.dtype}{step.shape}.")
+        return jnp.isfinite(step) & (step > 0)
+    value = np.asarray(step)
+    if value.shape != () or not np.issubdtype(value.dtype, np.number):
+        raise TypeError(f"pb.nudge: step must be a positive number; got {step!r}.")
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(
+            f"pb.nudge: step must be a finite number > 0 (the h of (f(theta + h e_k) - "
+            f"f(theta - h e_k)) / 2h); got {step!r}. Leave it None for eps^(1/3) max(1, "
+            "|theta_k|), which balances truncation and rounding error."
+        )
+    return None
+
+
 def nudge(
     f: Callable[[PyTree], Any],
     params: PyTree,
     k: int | str | jax.Array,
-    eps: float | None = None,
+    *,
+    step: float | jax.Array | None = None,
 ) -> jax.Array:
     """d f / d theta_k by a central difference: move only theta_k, hold every other fixed.
 
@@ -74,23 +111,41 @@ def nudge(
     Args:
       f: ``f(params) -> array``.
       params: any pytree of floats.
-      k: flat index or column label, as in :func:`partial`.
-      eps: the step h; default ``eps_machine^(1/3) * max(1, |theta_k|)`` for the params' dtype
-        (about 5e-3 in float32, 6e-6 in float64).
+      k: flat index or column label, as in :func:`partial` (a traced index out of range
+        gives NaN).
+      step: the step h > 0, keyword-only; default ``eps^(1/3) * max(1, |theta_k|)`` for the
+        params' dtype with machine epsilon eps (about 5e-3 in float32, 6e-6 in float64). A
+        step that is not a finite number > 0, or too small to move theta_k at all in its
+        dtype, raises ``ValueError`` (a traced step gives NaN instead).
 
     Returns:
-      An array (or pytree) shaped like ``f(params)``, accurate to O(h^2 + eps_machine / h).
+      An array (or pytree) shaped like ``f(params)``, accurate to O(h^2 + eps / h).
+
+    Example:
+      >>> import jax.numpy as jnp, paribus as pb
+      >>> params = {"a": jnp.array([1.0, 2.0])}
+      >>> round(float(pb.nudge(lambda p: jnp.sum(p["a"] ** 2), params, "a[1]", step=1e-2)), 2)
+      4.0
     """
     _tree.check_float_params(params, where="pb.nudge")
-    index = _tree.resolve_index(params, k)
+    step_valid = None if step is None else _check_step(step)
+    index, valid = _tree.resolve_index(params, k)
     flat, unravel = ravel_pytree(params)
-    h = default_step(flat.dtype, flat[index]) if eps is None else jnp.asarray(eps, flat.dtype)
+    h = default_step(flat.dtype, flat[index]) if step is None else jnp.asarray(step, flat.dtype)
     up = flat.at[index].add(h)
     down = flat.at[index].add(-h)
     delta = up[index] - down[index]
-    return jax.tree.map(
+    if step is not None and not isinstance(delta, jax.core.Tracer) and delta == 0:
+        raise ValueError(
+            f"pb.nudge: the step h = {step!r} does not move theta_k = {float(flat[index])!r} in "
+            f"{flat.dtype} (theta_k + h == theta_k - h); use a larger step, or None."
+        )
+    if step_valid is not None:
+        valid = step_valid if valid is None else valid & step_valid
+    out = jax.tree.map(
         lambda a, b: (jnp.asarray(a) - jnp.asarray(b)) / delta, f(unravel(up)), f(unravel(down))
     )
+    return _nan_unless(valid, out)
 
 
 def per_example_grads(

@@ -30,11 +30,18 @@ class MemoryBudgetError(ValueError):
 
 
 def _gib(n: float) -> str:
-    """A byte count in the largest binary unit that keeps it >= 1."""
+    """A byte count in the largest binary unit that keeps it >= 1, to 3 significant digits."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{int(n)} B"
+
+
+def _bytes(n: int) -> str:
+    """Exact bytes, and the rounded size beside them: two different sizes never print alike
+    (3 significant digits made 26,000 and 25,990 bytes both "25.4 KiB")."""
+    n = int(n)
+    return f"{n:,} B" if abs(n) < 2**10 else f"{n:,} B ({_gib(n)})"
 
 
 def device_free_bytes(device: Any = None) -> int:
@@ -107,11 +114,69 @@ def chunk_size(
         return int(fits)
     needed = fixed_bytes + bytes_per_example
     raise MemoryBudgetError(
-        f"{what} does not fit in the memory budget of {_gib(budget)}: it needs "
-        f"{_gib(fixed_bytes)} whatever the chunking plus {_gib(bytes_per_example)} per example "
-        f"processed at once, i.e. at least {_gib(needed)}. Pass a budget of at least {_gib(needed)}"
-        f", or use fewer examples or parameters, or a form that never stores it (the NTK, "
-        "GGN-vector products and per-example gradient norms of pb.curvature never form J)."
+        f"{what} does not fit in the memory budget of {_bytes(budget)}: it needs "
+        f"{_bytes(fixed_bytes)} whatever the chunking plus {_bytes(bytes_per_example)} per "
+        f"example processed at once, i.e. at least {_bytes(needed)}. Pass a budget of at least "
+        f"{_bytes(needed)}, or use fewer examples or parameters, or a form that never stores it "
+        "(the NTK, GGN-vector products and per-example gradient norms of pb.curvature never "
+        "form J)."
+    )
+
+
+def check_chunk_size(
+    chunk: int | None,
+    n_examples: int,
+    bytes_per_example: int,
+    *,
+    fixed_bytes: int = 0,
+    budget: int | None = None,
+    what: str = "the computation",
+) -> int | None:
+    """Check an explicit chunk size against ``budget``, by the rule of :func:`chunk_size`.
+
+    ``chunk`` examples at once (None: all N) need ``fixed_bytes + min(chunk, N) *
+    bytes_per_example``; that must not exceed the budget.
+
+    Returns:
+      ``chunk`` unchanged, when it fits.
+
+    Raises:
+      MemoryBudgetError: naming the largest chunk that would fit (the one :func:`chunk_size`
+        picks), or, when not even one example fits, what budget would.
+    """
+    budget = default_budget() if budget is None else int(budget)
+    used = n_examples if chunk is None else min(int(chunk), n_examples)
+    if fixed_bytes + used * bytes_per_example <= budget:
+        return chunk
+    largest = chunk_size(
+        n_examples, bytes_per_example, fixed_bytes=fixed_bytes, budget=budget, what=what
+    )
+    raise MemoryBudgetError(
+        f"{what} with chunk_size={chunk} needs {_bytes(fixed_bytes)} whatever the chunking plus "
+        f"{used} x {_bytes(bytes_per_example)} for the examples processed at once, "
+        f"{_bytes(fixed_bytes + used * bytes_per_example)} in all, but the memory budget is "
+        f"{_bytes(budget)}; the largest chunk that fits is {largest}. Pass "
+        f"chunk_size={largest} or 'auto', or a larger budget."
+    )
+
+
+def _jacobian_sizes(n_outputs: int, n_params: int, dtype: Any) -> tuple[int, str]:
+    return n_outputs * n_params * np.dtype(dtype).itemsize, np.dtype(dtype).name
+
+
+def _jacobian_too_big(n_examples: int, n_outputs: int, n_params: int, dtype: Any, budget: int):
+    """The error when not even J with one example's rows in flight fits."""
+    row_bytes, name = _jacobian_sizes(n_outputs, n_params, dtype)
+    fixed = n_examples * row_bytes
+    # The same rule as chunk_size: N' examples fit when N' rows + one row in flight <= budget.
+    largest = max(budget // row_bytes - 1, 0) if row_bytes else n_examples
+    fits = f"at most {largest} examples would fit" if largest else "not even one example would fit"
+    return MemoryBudgetError(
+        f"the Jacobian ({n_examples * n_outputs} x {n_params} {name}) needs {_bytes(fixed)} "
+        f"for J plus {_bytes(row_bytes)} for the rows of one example in flight, "
+        f"{_bytes(fixed + row_bytes)} in all, but the memory budget is {_bytes(budget)}; "
+        f"{fits}. Use pb.ntk / pb.ggn_vector_product / pb.per_example_grad_norms, which never "
+        "form J, or a larger budget."
     )
 
 
@@ -126,18 +191,57 @@ def jacobian_chunk_size(
     """Chunk size for a dense (N m, P) Jacobian: the output N m P numbers are fixed; each
     example in a chunk holds its (m, P) rows once more before they are written out.
 
-    Raises :class:`MemoryBudgetError` naming the largest N whose Jacobian would fit.
+    So c examples at a time need (N + c) m P itemsize bytes. Raises
+    :class:`MemoryBudgetError` naming the largest N whose Jacobian would fit (with c = 1).
     """
-    item = np.dtype(dtype).itemsize
-    row_bytes = n_outputs * n_params * item
+    row_bytes, _ = _jacobian_sizes(n_outputs, n_params, dtype)
     budget = default_budget() if budget is None else int(budget)
     fixed = n_examples * row_bytes
     if fixed + row_bytes > budget:
-        largest = max(budget // (2 * row_bytes) if row_bytes else 0, 0)
-        raise MemoryBudgetError(
-            f"the Jacobian ({n_examples * n_outputs} x {n_params} {np.dtype(dtype).name}) needs "
-            f"{_gib(fixed)} but the memory budget is {_gib(budget)}; at most "
-            f"{largest} examples would fit. Use pb.ntk / pb.ggn_vector_product / "
-            "pb.per_example_grad_norms, which never form J, or a larger budget."
-        )
+        raise _jacobian_too_big(n_examples, n_outputs, n_params, dtype, budget)
     return chunk_size(n_examples, row_bytes, fixed_bytes=fixed, budget=budget, what="the Jacobian")
+
+
+def check_jacobian_chunk_size(
+    chunk: int | None,
+    n_examples: int,
+    n_outputs: int,
+    n_params: int,
+    dtype: Any,
+    *,
+    budget: int | None = None,
+) -> int | None:
+    """Check an explicit ``chunk_size`` of a dense Jacobian against ``budget``.
+
+    The rule of :func:`jacobian_chunk_size`: c examples at a time (None: all N) need
+    (N + min(c, N)) m P itemsize bytes.
+
+    Returns:
+      ``chunk`` unchanged, when it fits.
+
+    Raises:
+      MemoryBudgetError: as :func:`jacobian_chunk_size` when J itself does not fit, else
+        naming the largest chunk that does.
+
+    Example:
+      >>> import paribus as pb
+      >>> # J of 20 examples, 1 output, 6 float64 parameters: 960 bytes, 48 per example.
+      >>> pb.memory.check_jacobian_chunk_size(5, 20, 1, 6, "float64", budget=1200)
+      5
+      >>> pb.memory.check_jacobian_chunk_size(10, 20, 1, 6, "float64", budget=1200)
+      Traceback (most recent call last):
+      ...
+      paribus.memory.MemoryBudgetError: ... the largest chunk that fits is 5. ...
+    """
+    row_bytes, _ = _jacobian_sizes(n_outputs, n_params, dtype)
+    budget = default_budget() if budget is None else int(budget)
+    if (n_examples + 1) * row_bytes > budget:
+        raise _jacobian_too_big(n_examples, n_outputs, n_params, dtype, budget)
+    return check_chunk_size(
+        chunk,
+        n_examples,
+        row_bytes,
+        fixed_bytes=n_examples * row_bytes,
+        budget=budget,
+        what="the Jacobian",
+    )
