@@ -321,5 +321,5 @@ def test_auto_chunk_size_follows_the_memory_budget():
     )
     tight = pb.jacobian(apply, params, xs, memory_budget=25 * row_bytes).matrix
     np.testing.assert_allclose(tight, full, rtol=1e-13, atol=1e-15)
-    with pytest.raises(pb.memory.MemoryBudgetError, match="at most 4 examples would fit"):
+    with pytest.raises(pb.memory.MemoryBudgetError, match="at most 8 examples would fit"):
         pb.jacobian(apply, params, xs, memory_budget=9 * row_bytes)

@@ -42,6 +42,7 @@ class Opaque:
         z, self._lin = jax.linearize(z_of, self.leaves)
         self.z = z
         self._transpose = jax.linear_transpose(self._lin, self.leaves)
+        self.targets = targets
         self.whitening: Whitening = whiten(loss, z, targets)
         self.n, self.m = z.shape
         self.where = where

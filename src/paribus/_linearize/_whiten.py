@@ -113,3 +113,33 @@ def objective(residual_fn, params: Any, batch: Any, loss: Any = None) -> jax.Arr
     if k == "residual":
         return sum(loss.value(leaf) for leaf in leaves)
     return 0.5 * sum(jnp.vdot(leaf, leaf) for leaf in leaves)
+
+
+def decrease(loss: Any, z0: jax.Array, z1: jax.Array, targets: Any, value0: jax.Array):
+    """(L(z0) - L(z1), L(z1)): the actual decrease of a trial, without cancellation.
+
+    Near a minimum the decrease is far below the rounding of L itself, and the difference of
+    two nearly equal values is noise (LM then rejects good steps and stalls a few digits short,
+    or a float32 fit stops early). For 1/2 ||z||^2 the decrease is computed exactly from the
+    change d = z1 - z0 as -d . (z0 + d / 2). For other losses it is the plain difference while
+    that stands well above the rounding of L, and d . grad L((z0 + z1) / 2) (the midpoint rule,
+    exact to O(|d|^3)) once it does not. ``z`` are the outputs as the objective sees them: the
+    residuals (R,), or (N, m) outputs for an ``OutputLoss`` with its ``targets``.
+    """
+    k = kind(loss)
+    d = z1 - z0
+    if k == "none":
+        return -jnp.vdot(d, z0 + 0.5 * d), 0.5 * jnp.vdot(z1, z1)
+    if k == "residual":
+        value = loss.value
+    else:
+
+        def value(z):
+            return jnp.sum(jax.vmap(loss.value)(z, targets))
+
+    value1 = value(z1)
+    direct = value0 - value1
+    midpoint = -jnp.vdot(d, jax.grad(value)(z0 + 0.5 * d))
+    eps = jnp.finfo(jnp.result_type(value0)).eps
+    noise = 1e3 * eps * jnp.abs(value0)
+    return jnp.where(jnp.abs(direct) <= noise, midpoint, direct), value1

@@ -68,6 +68,30 @@ class Linearization:
         self.n_params = _tree.num_params(params)
         self.n_examples = plan.n_examples if plan.source in ("per_example", "separable") else None
         self._shape = w.rw.shape
+        # What the objective is a function of: (N, m) outputs for an OutputLoss, else the
+        # residuals (R,) in the user's order (see trial_outputs).
+        output_loss = kind(loss) == "output"
+        self.outputs = backend.z if output_loss else self._to_user(backend.z)
+        self.targets = getattr(backend, "targets", None)
+        # The rounding of L as evaluated: changes of L below it cannot be measured. Each term of
+        # L moves by about eps |dL/dz_k| |z_k| when z_k is recomputed (eps of z's dtype).
+        grad_z = w.backward(w.rw)
+        eps = jnp.finfo(w.rw.dtype).eps
+        self.noise = 8 * eps * (jnp.abs(self.value) + jnp.sum(jnp.abs(grad_z * backend.z)))
+
+    def trial_outputs(self, out: Any) -> jax.Array:
+        """``residual_fn(trial, batch)`` laid out like :attr:`outputs`."""
+        if kind(self.loss) == "output":
+            return out[0]
+        return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(out)])
+
+    def decrease(self, trial_out: Any) -> tuple[jax.Array, jax.Array]:
+        """(L - L_trial, L_trial) for ``trial_out = residual_fn(trial, batch)``, computed
+        without cancellation (see ``paribus._linearize._whiten.decrease``)."""
+        from paribus._linearize._whiten import decrease
+
+        z1 = self.trial_outputs(trial_out).astype(self.outputs.dtype)
+        return decrease(self.loss, self.outputs, z1, self.targets, self.value)
 
     # Row order: the backends work in (N, m), example-major; users see their own order.
     def _to_user(self, rows_nm: jax.Array) -> jax.Array:

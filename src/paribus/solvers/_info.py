@@ -37,6 +37,9 @@ class StepInfo(NamedTuple):
       repair: index into ``REPAIRS``: how the solve was repaired (0: it was not).
       at_damping_limit: the trial was rejected with lam already at its upper bound: no larger
         damping is left to try.
+      at_noise_floor: the step's predicted decrease and its measured change of L were both
+        below the rounding of L as evaluated (MINPACK's ftol test at machine precision): it
+        was taken on the model's word, and no later step can be judged by L either.
     """
 
     loss: jax.Array
@@ -49,6 +52,7 @@ class StepInfo(NamedTuple):
     form: jax.Array
     repair: jax.Array
     at_damping_limit: jax.Array
+    at_noise_floor: jax.Array
 
 
 def empty_step_info(dtype) -> StepInfo:
@@ -66,6 +70,7 @@ def empty_step_info(dtype) -> StepInfo:
         form=jnp.full((), -1, jnp.int32),
         repair=jnp.zeros((), jnp.int32),
         at_damping_limit=false,
+        at_noise_floor=false,
     )
 
 
@@ -81,6 +86,7 @@ def step_info(
     form: int | jax.Array = -1,
     repair: int | jax.Array = 0,
     at_damping_limit=False,
+    at_noise_floor=False,
 ) -> StepInfo:
     """A :class:`StepInfo`, every number cast to the dtype of ``loss``."""
     dtype = jnp.result_type(loss)
@@ -101,4 +107,5 @@ def step_info(
         form=jnp.asarray(form, jnp.int32).reshape(()),
         repair=jnp.asarray(repair, jnp.int32).reshape(()),
         at_damping_limit=jnp.asarray(at_damping_limit, bool).reshape(()),
+        at_noise_floor=jnp.asarray(at_noise_floor, bool).reshape(()),
     )
