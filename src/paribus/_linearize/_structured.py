@@ -252,11 +252,12 @@ class Structured:
         rows = jax.vmap(lambda gs: pullback(list(gs))[0])(flat)
         return {k: rows[k].reshape(self.n, m, *np.shape(self.leaves[k])) for k in leaves_wanted}
 
-    def _columns(self) -> dict[int, jax.Array]:
-        """Per-example Jacobian blocks (N, m, *leaf), whitened, of the fallback leaves."""
-        if not self.fallback:
+    def _columns(self, ks: list[int] | None = None) -> dict[int, jax.Array]:
+        """Per-example Jacobian blocks (N, m, *leaf), whitened, of the leaves ``ks`` (default:
+        the fallback leaves), by reverse (or forward) mode per example."""
+        ks = self.fallback if ks is None else ks
+        if not ks:
             return {}
-        ks = self.fallback
 
         def one(ex):
             def f(sub):
@@ -267,8 +268,7 @@ class Structured:
 
             sub = [self.leaves[k] for k in ks]
             total = sum(int(np.size(s)) for s in sub)
-            jac = (jax.jacfwd if total < self.m else jax.jacrev)(f)(sub)
-            return jac
+            return (jax.jacfwd if total < self.m else jax.jacrev)(f)(sub)
 
         blocks = jax.vmap(one)(self.batch)
         out = {}
@@ -281,6 +281,12 @@ class Structured:
     def _kernel_parts(self):
         """(factored factors [(x, d)], dense rows (N m, P')) of S J: enough for any kernel."""
         nm = self.n * self.m
+        if not self.factored_uses:
+            # Every block is rows: the layers' output cotangents would be computed only to
+            # rebuild per-example gradients, which reverse mode per example does directly.
+            blocks = list(self._columns(self.row_leaves + self.fallback).values())
+            rows = jnp.concatenate([b.reshape(nm, -1) for b in blocks], axis=1) if blocks else None
+            return [], rows
         signals = self.signals()
         factors = []
         for u in self.factored_uses:
