@@ -275,11 +275,9 @@ def run(cfg: Config, seeds: int, progress: bool):
     for method in _common.progress(list(cfg.grids), desc=NAME, disable=not progress):
         lrs, max_steps = cfg.grids[method], cfg.max_steps[method]
         make = lambda lr, m=method: make_opt(m, lr, n_params)  # noqa: E731
-        # pb.fit stops ("step") on a zero update, which is how VLBP discards a trial: switch
-        # that test off for it (a negative tolerance is never met).
-        step_tol = -1e-30 if method == "VLBP" else None
+        # VLBP discards a trial with a zero update, which pb.fit counts as a declined step.
         res = run_method(make, lrs, init, residual_fn, batch, keys, max_steps=max_steps,
-                         target=target, timing_steps=max_steps, step_tol=step_tol)  # fmt: skip
+                         target=target, timing_steps=max_steps)  # fmt: skip
         b = res["best"]
         epochs = None
         if method.startswith("LM"):  # trainlm's epochs: accepted steps

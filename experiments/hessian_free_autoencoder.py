@@ -341,11 +341,8 @@ def run_one(m: Method, probed, residual_fn, params0, x_tr, seed, cfg, probe, pro
                         batch_indices=idx)  # fmt: skip
     else:
         k_max = m.steps_or_epochs
-        # A rejected HF step is a zero update, which pb.fit's step test takes for convergence
-        # (stop_reason "step"); it has no switch to turn that test off, and a negative
-        # tolerance is the one that never fires.
-        tol = -1.0 if m.name.startswith("HF") else None
-        result = pb.fit(residual_fn, params0, probed, batch, max_steps=k_max + 1, step_tol=tol)
+        # A rejected HF step is a zero update, which pb.fit counts as a declined step.
+        result = pb.fit(residual_fn, params0, probed, batch, max_steps=k_max + 1)
     rows = [row for row in recorder.rows if row[1] <= k_max]
     t0 = rows[0][0]
     curve = [(max(t - t0 - i * probe_cost_s, 0.0), k, *rest)

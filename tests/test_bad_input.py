@@ -1,0 +1,196 @@
+"""Bad input and numerical faults (issue 12): a clear error or a right answer, never a
+reassuring wrong one. One section per public function; each case is a row of a table."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import paribus as pb
+
+# --- pb.fit ------------------------------------------------------------------------------------
+
+FIT_INIT, FIT_APPLY = pb.nets.mlp([1, 4, 1])
+FIT_PARAMS = FIT_INIT(jax.random.key(0))
+FIT_XS = jnp.linspace(-1, 1, 20)[:, None]
+FIT_BATCH = (FIT_XS, jnp.sin(3 * FIT_XS))
+FIT_RESIDUALS = pb.regression_residuals(FIT_APPLY)
+LM = pb.levenberg_marquardt()
+
+
+def fit(residual_fn=FIT_RESIDUALS, opt=LM, batch=FIT_BATCH, **kwargs):
+    kwargs.setdefault("max_steps", 3)
+    return pb.fit(residual_fn, FIT_PARAMS, opt, batch, **kwargs)
+
+
+def identity_labels(params):
+    return jax.tree.map(lambda _: "all", params)
+
+
+FIT_ERRORS = {
+    # name: (call, exception, message pattern)
+    "empty batch": (lambda: fit(batch=(FIT_XS[:0], FIT_XS[:0])), ValueError, "no residuals"),
+    "index past the data": (
+        lambda: fit(batch_indices=np.array([[0, 99]])),
+        ValueError,
+        r"in \[0, 20\)",
+    ),
+    "negative index": (lambda: fit(batch_indices=np.array([[-1, 3]])), ValueError, r"in \[0, 20\)"),
+    "iterator as batch_indices": (
+        lambda: fit(batch_indices=iter([np.array([[0, 1]])])),
+        TypeError,
+        "got an iterator",
+    ),
+    "iterator and batch_indices": (
+        lambda: fit(batch=iter([FIT_BATCH]), batch_indices=np.array([[0, 1]])),
+        ValueError,
+        "one or the other",
+    ),
+    "target_loss nan": (lambda: fit(target_loss=float("nan")), ValueError, "target_loss"),
+    "negative grad_tol": (lambda: fit(grad_tol=-1.0), ValueError, "grad_tol"),
+    "scalar loss instead of residuals": (
+        lambda: fit(residual_fn=lambda p, b: pb.loss(FIT_RESIDUALS, p, b)),
+        ValueError,
+        r"return the residuals r, not the\s+loss \(shape \(1,\)",
+    ),
+    "loss given as a string": (
+        lambda: fit(loss="softmax"),
+        TypeError,
+        r"OutputLoss such as\s+pb.losses",
+    ),
+    "apply(params, x) instead of residual_fn(params, batch)": (
+        lambda: fit(residual_fn=FIT_APPLY),
+        TypeError,
+        "pb.regression_residuals",
+    ),
+    "chain(LM, GN)": (
+        lambda: fit(opt=optax.chain(pb.levenberg_marquardt(), pb.gauss_newton())),
+        ValueError,
+        "2 StepInfo records",
+    ),
+    "chain(adam, LM) drops adam": (
+        lambda: fit(opt=optax.chain(optax.adam(1e-3), pb.levenberg_marquardt())),
+        ValueError,
+        "before the Jacobian-based",
+    ),
+    "LM inside multi_transform": (
+        lambda: fit(opt=optax.multi_transform({"all": LM}, identity_labels)),
+        ValueError,
+        "optax.multi_transform",
+    ),
+    "LM inside MultiSteps": (
+        lambda: fit(opt=optax.MultiSteps(LM, every_k_schedule=2)),
+        ValueError,
+        "MultiSteps",
+    ),
+    "chain(LM, clip_by_global_norm) changes its steps": (
+        lambda: fit(opt=optax.chain(LM, optax.clip_by_global_norm(0.1)), max_steps=30),
+        ValueError,
+        r"chained after it \(optax.chain\) changes its steps",
+    ),
+    "chain(LM, scale(0.5)) changes its steps": (
+        lambda: fit(opt=optax.chain(LM, optax.scale(0.5)), max_steps=30),
+        ValueError,
+        "changes its steps",
+    ),
+    "solver loss differs from fit's": (
+        lambda: fit(opt=pb.levenberg_marquardt(loss=pb.losses.softmax_cross_entropy())),
+        ValueError,
+        "build the optimiser\\s+with the same loss",
+    ),
+    "state of another optimiser": (
+        lambda: fit(state=optax.adam(1e-3).init(FIT_PARAMS)),
+        ValueError,
+        "does not belong",
+    ),
+    "progress given a function": (lambda: fit(progress=print), TypeError, "callback="),
+    "max_steps zero": (lambda: fit(max_steps=0), ValueError, "max_steps must be an int >= 1"),
+    "uneven minibatches": (
+        lambda: fit(batch=iter([FIT_BATCH, (FIT_XS[:3], FIT_XS[:3])])),
+        ValueError,
+        "batch 1 from the iterator",
+    ),
+    "empty iterator": (lambda: fit(batch=iter([])), ValueError, "gave no batches"),
+}
+
+
+@pytest.mark.parametrize("case", FIT_ERRORS)
+def test_fit_refuses(case):
+    call, exception, pattern = FIT_ERRORS[case]
+    with pytest.raises(exception, match=pattern):
+        call()
+
+
+def test_fit_under_jit_reports_a_changed_step_as_composition():
+    """Under jit there is no host to raise on: the run stops with its own reason."""
+    opt = optax.chain(LM, optax.clip_by_global_norm(0.1))
+    result = jax.jit(lambda p: pb.fit(FIT_RESIDUALS, p, opt, FIT_BATCH, max_steps=30))(FIT_PARAMS)
+    assert result.stop_reason == "composition" and not bool(result.converged)
+
+
+def test_fit_takes_the_loss_its_residual_function_carries():
+    """pb.losses.network_outputs(apply, loss) gives the loss once; a different one is refused."""
+    xs = jnp.asarray(np.random.default_rng(0).normal(size=(12, 2)))
+    labels = jnp.arange(12) % 3
+    init, apply = pb.nets.mlp([2, 3])
+    loss = pb.losses.softmax_cross_entropy()
+    residual_fn = pb.losses.network_outputs(apply, loss)
+    result = pb.fit(residual_fn, init(jax.random.key(0)), pb.levenberg_marquardt(loss=loss),
+                    (xs, labels), max_steps=5)  # fmt: skip
+    logits = jax.vmap(apply, (None, 0))(result.params, xs)
+    expected = jnp.sum(jax.vmap(loss.value)(logits, labels))
+    np.testing.assert_allclose(result.history.loss[-1], expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="give the loss once"):
+        pb.fit(residual_fn, init(jax.random.key(0)), pb.levenberg_marquardt(), (xs, labels),
+               max_steps=2, loss=pb.losses.sigmoid_binary_cross_entropy())  # fmt: skip
+
+
+def counting(batches):
+    """An iterator that counts what was drawn from it."""
+    counter = itertools.count()
+
+    def gen():
+        for item in batches:
+            next(counter)
+            yield item
+
+    return gen(), counter
+
+
+def test_fit_streams_an_iterator_and_draws_what_the_steps_use():
+    """Target met after a few steps of max_steps = 20,000: quick, and few batches drawn."""
+    batches, counter = counting(itertools.repeat(FIT_BATCH))
+    start = time.perf_counter()
+    result = fit(batch=batches, max_steps=20_000, target_loss=1e-3)
+    assert result.stop_reason == "target_loss" and result.steps < 100
+    assert time.perf_counter() - start < 60
+    drawn = next(counter)
+    assert result.steps + 1 <= drawn <= result.steps + 1 + 2 * pb._fit.ITERATOR_CHUNK
+
+
+def test_fit_ends_where_the_iterator_does():
+    """5 batches: 5 points, theta_0 .. theta_4, outside jit and under it."""
+    sgd = optax.sgd(1e-3)
+    result = fit(batch=counting([FIT_BATCH] * 5)[0], max_steps=100, opt=sgd)
+    assert result.stop_reason == "max_steps" and result.steps == 4
+
+    @jax.jit
+    def traced(params):
+        return pb.fit(FIT_RESIDUALS, params, sgd, iter([FIT_BATCH] * 5), max_steps=100)
+
+    result = traced(FIT_PARAMS)
+    assert result.stop_reason == "max_steps" and int(result.steps) == 4
+
+
+def test_fit_keeps_nan_in_the_data_honest():
+    """A NaN target: "non_finite" at step 0, the parameters untouched (a good behaviour)."""
+    ys = FIT_BATCH[1].at[3].set(jnp.nan)
+    result = fit(batch=(FIT_XS, ys), max_steps=5)
+    assert result.stop_reason == "non_finite" and result.steps == 0 and not result.converged
+    jax.tree.map(np.testing.assert_array_equal, result.params, FIT_PARAMS)

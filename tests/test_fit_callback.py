@@ -1,0 +1,120 @@
+"""pb.fit's host callback and progress bar: order, records, stopping, errors, interrupts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import paribus as pb
+from paribus._fit import _run as fit_run
+
+X0 = jnp.array([3.0, -2.0, 0.5])
+OPT = optax.sgd(0.05)
+
+
+def quadratic(params, batch):
+    """r = theta - (1, 2, 3): gradient descent converges geometrically, never in 40 steps."""
+    del batch
+    return params - jnp.array([1.0, 2.0, 3.0])
+
+
+def test_callback_sees_every_kth_point_the_last_one_and_the_clock():
+    records = []
+    result = pb.fit(quadratic, X0, OPT, None, max_steps=12, callback=records.append,
+                    callback_every=5)  # fmt: skip
+    assert [r.step for r in records] == [0, 5, 10, 12]
+    hist = result.history
+    np.testing.assert_allclose([r.loss for r in records], hist.loss[[0, 5, 10, 12]], rtol=1e-14)
+    np.testing.assert_allclose([r.grad_norm for r in records], hist.grad_norm[[0, 5, 10, 12]])
+    assert all(r.accepted == hist.accepted[r.step] for r in records)
+    assert all(r.params is None for r in records)
+    # Wall-clock per point: starts at 0 once compiled, never decreases, and the callback saw it.
+    assert hist.time.shape == hist.loss.shape and hist.time[0] == 0
+    assert np.all(np.diff(hist.time) >= 0)
+    np.testing.assert_allclose([r.seconds for r in records], hist.time[[0, 5, 10, 12]])
+
+
+def test_callback_params_are_the_iterates():
+    records = []
+    result = pb.fit(quadratic, X0, OPT, None, max_steps=6, callback=records.append,
+                    callback_every=3, callback_params=True)  # fmt: skip
+    assert [r.step for r in records] == [0, 3, 6]
+    np.testing.assert_allclose(records[0].params, X0)
+    np.testing.assert_allclose(records[-1].params, result.params)
+    # theta_3 by hand: theta_(k+1) = theta_k - 0.05 (theta_k - t)
+    target = np.array([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(records[1].params, target + 0.95**3 * (np.asarray(X0) - target))
+
+
+def test_returning_true_stops_the_run_at_that_point():
+    result = pb.fit(quadratic, X0, OPT, None, max_steps=40, callback=lambda r: r.step == 7)
+    assert result.stop_reason == "callback" and not result.converged
+    assert result.steps == 7 and result.history.loss.shape == (8,)
+    np.testing.assert_allclose(result.history.loss[-1], pb.loss(quadratic, result.params, None))
+
+
+def test_a_raising_callback_ends_the_run_with_its_exception():
+    def callback(record):
+        if record.step == 2:
+            raise RuntimeError("stop here, please")
+
+    with pytest.raises(RuntimeError, match="stop here, please"):
+        pb.fit(quadratic, X0, OPT, None, max_steps=40, callback=callback)
+
+
+def test_new_callbacks_reuse_the_compiled_loop():
+    pb.fit(quadratic, X0, OPT, None, max_steps=3, callback=lambda r: None)
+    size = fit_run._cache_size()
+    pb.fit(quadratic, X0, OPT, None, max_steps=5, callback=lambda r: False, callback_every=2)
+    pb.fit(quadratic, X0, OPT, None, max_steps=4, callback=lambda r: None, callback_every=3)
+    assert fit_run._cache_size() == size
+
+
+def test_progress_bar(capsys):
+    pytest.importorskip("tqdm")
+    result = pb.fit(quadratic, X0, OPT, None, max_steps=20, progress=True)
+    assert "pb.fit" in capsys.readouterr().err
+    assert result.history.time is not None and result.steps == 20
+
+
+def test_progress_without_tqdm_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    with pytest.raises(ImportError, match="pip install tqdm"):
+        pb.fit(quadratic, X0, OPT, None, max_steps=3, progress=True)
+
+
+def test_hooks_outside_jit_only_and_progress_is_a_flag():
+    with pytest.raises(ValueError, match="outside jax.jit"):
+        jax.jit(lambda x: pb.fit(quadratic, x, OPT, None, max_steps=3, callback=print).params)(X0)
+    with pytest.raises(TypeError, match="callback=fn"):
+        pb.fit(quadratic, X0, OPT, None, max_steps=3, progress=print)
+    with pytest.raises(ValueError, match="callback_every"):
+        pb.fit(quadratic, X0, OPT, None, max_steps=3, callback=print, callback_every=0)
+
+
+def test_sigint_during_a_run_does_not_exit_zero():
+    """An interrupt that lands in the callback is re-raised by pb.fit, never swallowed."""
+    script = textwrap.dedent("""
+        import os, signal
+        import jax.numpy as jnp, optax, paribus as pb
+
+        def callback(record):
+            if record.step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        pb.fit(lambda p, b: p - 1.0, jnp.zeros(3), optax.sgd(1e-3), None, max_steps=100000,
+               callback=callback)
+        print("finished")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode != 0, proc.stdout
+    assert "KeyboardInterrupt" in proc.stderr and "finished" not in proc.stdout
