@@ -176,7 +176,10 @@ def test_whole_batch_functions_that_mix_examples_stay_opaque_and_say_why():
     apply, params, xs = ZOO["pbnets"]()
     ys = jnp.ones((N, 2))
     mixing = {
-        "reduce_sum": lambda p, b: _batched_mlp(p, (b[0] - b[0].mean(0, keepdims=True)) / b[0].std(0, keepdims=True)) - b[1],
+        "reduce_sum": lambda p, b: (
+            _batched_mlp(p, (b[0] - b[0].mean(0, keepdims=True)) / b[0].std(0, keepdims=True))
+            - b[1]
+        ),
         "reduce_max": lambda p, b: jax.nn.softmax(_batched_mlp(p, b[0]), axis=0) - b[1],
         "closed over": (lambda y: lambda p, b: _batched_mlp(p, b[0]) - y)(ys),
     }

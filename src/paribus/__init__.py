@@ -7,7 +7,16 @@ Jacobians, the NTK, and Gauss-Newton / Levenberg-Marquardt steps.
 from importlib.metadata import PackageNotFoundError, version
 
 from paribus import curvature, losses, memory, nets, sharding, solvers
-from paribus._fit import STOP_REASONS, FitResult, History, fit
+from paribus._fit import (
+    CONVERGED,
+    STOP_REASONS,
+    FitProgress,
+    FitResult,
+    FitState,
+    History,
+    StopReason,
+    fit,
+)
 from paribus._jacobian import Jacobian, jacobian
 from paribus._linearize import Linearization, Plan, linearize
 from paribus._tree import num_params
@@ -49,8 +58,11 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "CONVERGED",
     "STOP_REASONS",
+    "FitProgress",
     "FitResult",
+    "FitState",
     "GaussNewtonState",
     "History",
     "Jacobian",
@@ -60,6 +72,7 @@ __all__ = [
     "PerExample",
     "Plan",
     "StepInfo",
+    "StopReason",
     "__version__",
     "check_jacobian",
     "curvature",

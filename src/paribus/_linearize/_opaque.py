@@ -51,7 +51,10 @@ class Opaque:
         return self.whitening.forward(self._lin(list(tangent_leaves)))
 
     def vjp(self, u: jax.Array) -> list:
-        return self._transpose(self.whitening.backward(u).astype(self.z.dtype))[0]
+        return self.vjp_outputs(self.whitening.backward(u))
+
+    def vjp_outputs(self, c: jax.Array) -> list:
+        return self._transpose(c.astype(self.z.dtype))[0]
 
     def dense(self, chunk_size: int | None) -> jax.Array:
         """S J (R', m', P) from R' m' VJPs or P JVPs, ``chunk_size`` at a time."""

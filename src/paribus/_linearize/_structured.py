@@ -121,7 +121,11 @@ class Structured:
 
     def vjp(self, u: jax.Array) -> list:
         """J^T S^T u as leaves, for u (N, m)."""
-        return self._transpose(self.whitening.backward(u).astype(self.z.dtype))[0]
+        return self.vjp_outputs(self.whitening.backward(u))
+
+    def vjp_outputs(self, c: jax.Array) -> list:
+        """J^T c as leaves for a cotangent c (N, m) of the outputs themselves (unwhitened)."""
+        return self._transpose(c.astype(self.z.dtype))[0]
 
     def _at_taps(self, cotangent: jax.Array) -> list:
         """Cotangents at every tap for an output cotangent (N, m)."""

@@ -75,7 +75,7 @@ class Linearization:
         self.targets = getattr(backend, "targets", None)
         # The rounding of L as evaluated: changes of L below it cannot be measured. Each term of
         # L moves by about eps |dL/dz_k| |z_k| when z_k is recomputed (eps of z's dtype).
-        grad_z = w.backward(w.rw)
+        grad_z = self._grad_z()
         eps = jnp.finfo(w.rw.dtype).eps
         self.noise = 8 * eps * (jnp.abs(self.value) + jnp.sum(jnp.abs(grad_z * backend.z)))
 
@@ -121,8 +121,24 @@ class Linearization:
         return self._unflatten(self._backend.vjp(self._from_user(cotangent)))
 
     def grad(self) -> PyTree:
-        """g = J^T r, the gradient of the loss, shaped like ``params``."""
-        return self._unflatten(self._backend.vjp(self._backend.whitening.rw))
+        """grad L = J^T dL/dz, shaped like ``params``: J^T r for 1/2 ||r||^2.
+
+        With a loss this is the true gradient, taken through the loss's own derivative at the
+        outputs, not J'^T rw of the whitened model: the two differ where a whitening floors a
+        vanishing curvature (softmax cross-entropy on saturated logits).
+        """
+        return self._unflatten(self._backend.vjp_outputs(self._grad_z()))
+
+    def grad_flat(self) -> jax.Array:
+        return jnp.concatenate([jnp.ravel(g) for g in self._backend.vjp_outputs(self._grad_z())])
+
+    def _grad_z(self) -> jax.Array:
+        """dL/dz (N, m) in the backend's layout."""
+        w = self._backend.whitening
+        if kind(self.loss) != "output":
+            return w.backward(w.rw)  # exact: S^T rw = z, or rho'(z) z for a robust loss
+        loss, targets = self.loss, self.targets
+        return jax.grad(lambda z: jnp.sum(jax.vmap(loss.value)(z, targets)))(self._backend.z)
 
     def ntk(self, *, memory_budget: int | None = None) -> jax.Array:
         """K = J J^T (R, R), the empirical neural tangent kernel of the (whitened) rows."""

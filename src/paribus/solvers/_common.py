@@ -65,6 +65,18 @@ def setup(residual_fn, params, batch, loss, solve, budget, *, where: str):
     return model, form, flat, unravel
 
 
+def true_grad_norm(model, gnorm: jax.Array) -> jax.Array:
+    """||grad L||: the solve's ||J'^T rw||, except with an OutputLoss, whose whitening floors
+    vanishing curvatures (saturated logits) so that J'^T rw can be far smaller than the true
+    gradient: there one more VJP of the loss's own derivative (``Linearization.grad``)."""
+    from paribus._linearize._whiten import kind
+
+    lin = model.linearization
+    if kind(lin.loss) != "output":
+        return gnorm
+    return jnp.linalg.norm(lin.grad_flat()).astype(gnorm.dtype)
+
+
 def finite(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x))
 

@@ -1,8 +1,12 @@
 """``StepInfo``: what a step did, in one record that any optax transformation may carry.
 
-``pb.fit`` reads a step's diagnostics from the first ``StepInfo`` it finds in the optimiser's
-state (``optax.tree.get_all_with_path(state, "StepInfo")``), wherever the transformation sits
-in an ``optax.chain``. Gauss-Newton, Levenberg-Marquardt and the Hessian-free step keep one; a
+``pb.fit`` reads a step's diagnostics from the one ``StepInfo`` it finds in the optimiser's
+state (``optax.tree.get_all_with_path(state, "StepInfo")``); a transformation that keeps one
+must be used alone (or followed in an ``optax.chain`` only by members that leave its steps
+unchanged), since its diagnostics describe the step it returns. The contract: ``accepted``
+False means the returned update is zeros; when accepted, ``step_norm`` is the norm of the
+returned update; ``grad_norm`` is the true ||grad L|| at the parameters the step was computed
+from. Gauss-Newton, Levenberg-Marquardt and the Hessian-free step keep one; a
 transformation of your own that wants its damping, gain ratio and acceptance in ``pb.fit``'s
 history keeps one too (field ``step_info`` of its state, built with :func:`step_info`).
 Transformations without one are first-order: ``pb.fit`` records their update norm and counts

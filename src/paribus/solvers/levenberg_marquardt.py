@@ -20,9 +20,11 @@ class LevenbergMarquardtState(NamedTuple):
     """Arrays only, so the state jits, vmaps and serialises.
 
     ``damping``, ``nu`` and ``radius`` drive the next trial; ``scale`` is the running max of
-    diag(J^T J) (Marquardt scaling; ones otherwise). ``step_info`` (:class:`pb.StepInfo`)
-    describes the last trial: the loss and gradient norm it was computed from, its lam, gain
-    ratio (-inf when the trial was not finite), acceptance, norm, trial loss and solve form.
+    diag(J^T J) (Marquardt scaling; ones otherwise); ``tie_step`` is the norm of the last step
+    taken at the noise floor of L (0 after any other step; see ``update``). ``step_info``
+    (:class:`pb.StepInfo`) describes the last trial: the loss and gradient norm it was computed
+    from, its lam, gain ratio (-inf when the trial was not finite), acceptance, norm, trial
+    loss and solve form.
     """
 
     count: jax.Array
@@ -30,7 +32,15 @@ class LevenbergMarquardtState(NamedTuple):
     nu: jax.Array
     radius: jax.Array
     scale: jax.Array
+    tie_step: jax.Array
     step_info: StepInfo
+
+
+TIE_SHRINK = 0.9
+"""At the noise floor of L, steps are taken on the model's word while each is at most this
+fraction of the one before (the iteration still contracts toward the minimum: MINPACK's ftol
+test would stop at the first such step, with theta accurate to about sqrt(eps)); a tie step
+that does not shrink is noise, and LM reports ``at_noise_floor``."""
 
 
 def gain_ratio(actual, jd, r, ok) -> jax.Array:
@@ -176,6 +186,7 @@ def levenberg_marquardt(
             nu=jnp.asarray(2, dt),
             radius=jnp.where(radius > 0, radius, 100).astype(dt),
             scale=jnp.zeros_like(flat),
+            tie_step=jnp.zeros((), dt),
             step_info=empty_step_info(dt),
         )
 
@@ -190,6 +201,7 @@ def levenberg_marquardt(
         delta, jd, gnorm = _linear.solve(
             form, model, lam, d, min_norm=False, cg_options=cg_options, dual_options=dual_options
         )
+        gnorm = _common.true_grad_norm(model, gnorm)
         ok = _common.finite(delta) & _common.finite(jd)
         delta, jd = jnp.where(ok, delta, 0), jnp.where(ok, jd, 0)
         # Leaf by leaf, not unravel(flat + delta): on the CPU the latter made XLA rebuild every
@@ -210,6 +222,8 @@ def levenberg_marquardt(
         accepted = (rho > rule.threshold) | tie
         snorm = jnp.linalg.norm(delta if d is None else jnp.sqrt(d) * delta)
         rho_rule = jnp.where(tie, 1.0, rho)
+        step_norm = jnp.linalg.norm(delta).astype(state.tie_step.dtype)
+        tie_step = jnp.where(tie, step_norm, 0).astype(state.tie_step.dtype)
         new_lam, nu, radius = rule.update(lam, state.nu, state.radius, rho_rule, accepted, snorm)
         next_lam = jnp.clip(new_lam, lo, hi).astype(lam.dtype)
         info = step_info(
@@ -222,7 +236,7 @@ def levenberg_marquardt(
             trial_loss=trial_value,
             form=_linear.CODES[form],
             at_damping_limit=~accepted & (next_lam <= lam),
-            at_noise_floor=tie,
+            at_noise_floor=tie & (state.tie_step > 0) & (step_norm > TIE_SHRINK * state.tie_step),
         )
         new_state = LevenbergMarquardtState(
             count=state.count + 1,
@@ -230,6 +244,7 @@ def levenberg_marquardt(
             nu=nu,
             radius=radius.astype(state.radius.dtype),
             scale=running,
+            tie_step=tie_step,
             step_info=info,
         )
         return unravel(jnp.where(accepted, delta, 0)), new_state
