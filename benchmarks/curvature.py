@@ -7,7 +7,7 @@ Setup: MLPs 1-64-64-1 and 16-512-512-1 (tanh), N = 512 examples, float32 (``--x6
 float64); every quantity jit-compiled, compile time reported apart, median run time over
 repeats. Methods per quantity:
 
-- NTK (N m x N m): ``pb.ntk`` (structured: sum_l (A A^T + 1) * (D D^T)); J by ``vmap(grad)``
+- NTK (N m x N m): ``pb.ntk`` (factored: sum_l (A A^T + 1) * (D D^T)); J by ``vmap(grad)``
   then J J^T ("materialise"); and one implicit NTK-vector product K u = J (J^T u) (a VJP and a
   JVP), which a CG solve of the dual system repeats once per iteration where the structured K
   is formed once. (Forming K from N m such products, batched by ``vmap``, took 26 s at
@@ -18,7 +18,7 @@ repeats. Methods per quantity:
   per-example signals) and ``vmap(grad)`` then norms, against one batch gradient.
 - Jacobian: ``pb.jacobian(mode="structured")``, ``vmap(grad)``, and a copy of a J-sized array
   (the memory-write floor).
-- Dual LM step from the structured NTK: K + lambda I, Cholesky, one J^T product.
+- Dual LM step from ``pb.linearize``'s NTK: K + lambda I, Cholesky, one J^T product.
 
 Goals (issue 4, on the 2-core CPU): NTK >= 50x faster than materialise-then-contract at
 16-512-512-1; GGN-vector product <= 2.5x a batch gradient; per-example norms <= 3x a batch
@@ -39,7 +39,7 @@ from _common import fmt_ms, parser, time_fn, write_results  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import paribus as pb  # noqa: E402
-from paribus import curvature, structured  # noqa: E402
+from paribus import curvature  # noqa: E402
 
 
 def _setup(sizes, n, dtype):
@@ -78,13 +78,12 @@ def _methods(apply, params, batch):
         return jax.jvp(residuals, (p,), pullback(u))[1]
 
     def dual_step(p):
-        kernel = curvature.residual_ntk(residual_fn, p, batch)
-        f = structured.batch_factors(apply, p, xs)
-        r = f.outputs - ys
+        lin = pb.linearize(residual_fn, p, batch)
+        kernel = lin.ntk()
         lam = jnp.asarray(1e-3, kernel.dtype)
         chol = jax.scipy.linalg.cho_factor(kernel + lam * jnp.eye(n * m, dtype=kernel.dtype))
-        alpha = jax.scipy.linalg.cho_solve(chol, r.reshape(-1))
-        return structured.vjp(f, -alpha.reshape(n, m))
+        alpha = jax.scipy.linalg.cho_solve(chol, lin.r)
+        return lin.vjp(-alpha)
 
     def per_example_norms_vmap(p):
         def example_loss(q, x, y):

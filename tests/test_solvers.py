@@ -169,7 +169,7 @@ def test_dual_step_vmaps_with_lanes_on_both_sides_of_the_switch():
     options = _linear.DualOptions(max_steps=60, tol=1e-13, switch=1e10)
 
     def step(params, lam):
-        model = _model.build(residual_fn, params, batch, where="test", factored=True)
+        model = _model.build(residual_fn, params, batch, where="test")
         floor = _linear.rounding_floor(model.ntk())
         return _linear.dual(model, lam, None, False, options)[0], lam >= options.switch * floor
 
@@ -247,45 +247,6 @@ def test_float32_dual_lm_reaches_target_where_kernel_rounding_stalled_it():
     refined, bare = run(10), run(0)
     assert refined.stop_reason == "target_loss" and refined.history.loss[-1] <= target
     assert bare.history.loss[-1] > target
-
-
-@pytest.mark.parametrize(
-    "sizes, loss",
-    [((2, 7, 1), None), ((3, 5, 4, 2), None), ((2, 6, 3), "softmax"), ((2, 5, 1), "sigmoid")],
-)
-def test_factored_model_equals_linearised_twin(sizes, loss):
-    """The dual form's model (r, L, J v, J^T u, K, diag J^T J from the MLP's factors) equals
-    the generic one (jax.linearize and its transpose) on random inputs, with and without a loss."""
-    init, apply = pb.nets.mlp(list(sizes), b_init=jax.nn.initializers.normal(0.5))
-    kp, kx, kt, kv, ku = jax.random.split(jax.random.key(sum(sizes)), 5)
-    xs = jax.random.normal(kx, (7, sizes[0]))
-    if loss is None:
-        out_loss, residual_fn = None, pb.regression_residuals(apply)
-        targets = jax.random.normal(kt, (7, sizes[-1]))
-    else:
-        out_loss = {"softmax": pb.losses.softmax_cross_entropy, "sigmoid": None}[loss]
-        out_loss = (out_loss or pb.losses.sigmoid_binary_cross_entropy)()
-        residual_fn = pb.losses.network_outputs(apply)
-        if loss == "softmax":
-            targets = jax.random.randint(kt, (7,), 0, sizes[-1])
-        else:
-            targets = jax.random.bernoulli(kt, 0.5, (7, 1)).astype(jnp.float64)
-    params, batch = init(kp), (xs, targets)
-    assert pb.curvature._structured_apply(residual_fn) is not None  # the factored path is taken
-    n_params = jax.flatten_util.ravel_pytree(params)[0].size
-    v = jax.random.normal(kv, (n_params,))
-    u = jax.random.normal(ku, (7 * sizes[-1],))
-
-    def parts(factored):
-        def go(params):
-            m = _model.build(residual_fn, params, batch, out_loss, where="t", factored=factored)
-            return m.value, m.r, m.jvp(v), m.vjp(u), m.ntk(), m.jtj_diag(), m.jacobian()
-
-        return jax.jit(go)(params)
-
-    names = ("value", "r", "J v", "J^T u", "ntk", "diag", "J")
-    for name, got, want in zip(names, parts(True), parts(False), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
 def test_cg_approaches_primal_as_iterations_grow():

@@ -33,7 +33,11 @@ def test_levenberg_marquardt_reaches_known_minimum(problem):
     f = 2 * result.history.loss[-1]
     assert reached(f, problem.minima), (f, problem.minima, result.stop_reason)
     assert np.all(np.isfinite(result.history.loss))
-    assert np.all(np.diff(result.history.loss) <= 0), "LM never accepts an increase"
+    # LM accepts no increase beyond the rounding of L as evaluated (Linearization.noise:
+    # 8 eps (L + sum |z_k dL/dz_k|) = 24 eps L here; a step whose predicted and measured
+    # changes are both below it is a tie, taken on the model's word).
+    rounding = 24 * np.finfo(np.float64).eps * result.history.loss[:-1]
+    assert np.all(np.diff(result.history.loss) <= rounding), "LM accepted an increase"
     assert result.stop_reason in ("gradient", "step")
 
 

@@ -7,8 +7,18 @@ Jacobians, the NTK, and Gauss-Newton / Levenberg-Marquardt steps.
 from importlib.metadata import PackageNotFoundError, version
 
 from paribus import curvature, losses, memory, nets, sharding, solvers
-from paribus._fit import STOP_REASONS, FitResult, History, fit
+from paribus._fit import (
+    CONVERGED,
+    STOP_REASONS,
+    FitProgress,
+    FitResult,
+    FitState,
+    History,
+    StopReason,
+    fit,
+)
 from paribus._jacobian import Jacobian, jacobian
+from paribus._linearize import Linearization, Plan, linearize
 from paribus._tree import num_params
 from paribus.curvature import (
     ggn_operator,
@@ -48,15 +58,21 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "CONVERGED",
     "STOP_REASONS",
+    "FitProgress",
     "FitResult",
+    "FitState",
     "GaussNewtonState",
     "History",
     "Jacobian",
     "JacobianCheck",
     "LevenbergMarquardtState",
+    "Linearization",
     "PerExample",
+    "Plan",
     "StepInfo",
+    "StopReason",
     "__version__",
     "check_jacobian",
     "curvature",
@@ -67,6 +83,7 @@ __all__ = [
     "jacobian",
     "jtj_diag",
     "levenberg_marquardt",
+    "linearize",
     "loss",
     "loss_and_grad",
     "losses",

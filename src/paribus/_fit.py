@@ -519,7 +519,8 @@ def _pending(params, new_params, step: _Step, tols: _Tols, eps):
     No progress is possible ("step" with a small gradient, else "stalled") after an accepted
     non-zero update that left theta unchanged in its dtype (or, with ``step_tol``, below it),
     or a rejected non-zero trial whose loss equals L to rounding: a larger damping only makes
-    the next trial smaller. A zero update is a declined step (a rejected trial, or a failed
+    the next trial smaller; likewise after a step taken at the noise floor of L
+    (``StepInfo.at_noise_floor``). A zero update is a declined step (a rejected trial, or a failed
     factorisation zeroed as one), never a reason to stop. LM rejecting at its largest damping
     is judged as such ("damping_limit" unless the gradient is small).
     """
@@ -538,6 +539,9 @@ def _pending(params, new_params, step: _Step, tols: _Tols, eps):
     info = step.info
     flat = jnp.abs(info.trial_loss - info.loss) <= 2 * eps * jnp.abs(info.loss)
     still = still | (~info.accepted & (info.step_norm > 0) & flat)
+    # The step's predicted and measured changes were below L's rounding (MINPACK's ftol test
+    # at machine precision): it was taken, and nothing later can be judged by L either.
+    still = still | (info.accepted & info.at_noise_floor)
     code = jnp.where(still, _STILL, _NOTHING)
     return jnp.where(info.at_damping_limit, _LIMIT, code).astype(jnp.int32)
 

@@ -15,7 +15,7 @@ Modes (all give the same numbers; the tests hold them to it):
 | ``"per_example"`` | ``vmap`` over examples of reverse mode | ~3 N m P flops; m backward passes |
 | ``"fwd"`` | ``vmap`` over examples of ``jax.jacfwd`` | P forward passes per example |
 | ``"rev"`` | ``jax.jacrev`` of the batched function | N m passes of the whole batch |
-| ``"structured"`` | per-layer factors of a ``pb.nets`` network | near the cost of writing J |
+| ``"structured"`` | layer inputs and output cotangents (``pb.linearize``) | m backward passes |
 | ``"auto"`` | fwd when P < m, else per_example (see ``auto_mode``) | |
 
 ``"rev"`` is kept as the plain twin that users reach for first; ``"auto"`` never picks it.
@@ -202,15 +202,11 @@ def jacobian(
         return fn(unravel(theta), x).reshape(-1)
 
     if mode == "structured":
-        from paribus import structured
+        from paribus._linearize import linearize
+        from paribus.residuals import per_example
 
-        if not structured.supports(fn):
-            raise ValueError(
-                "mode='structured' needs a pb.nets network's apply; "
-                f"got {fn!r}. Use mode='auto' for any other function."
-            )
-        matrix = structured.jacobian_matrix(fn, params, xs, chunk_size=chunk_size)
-        return Jacobian(matrix, spec)
+        lin = linearize(per_example(lambda p, x: fn(p, x)), params, xs)
+        return Jacobian(lin.dense(structured=True), spec)
     if mode == "rev":
         matrix = _rev(fn_flat, flat, xs, n, chunk_size)
     else:

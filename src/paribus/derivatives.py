@@ -218,10 +218,6 @@ def check_jacobian(
             return jnp.asarray(a, jnp.float64) if is_float else a
 
         params64, xs64 = jax.tree.map(to64, params), jax.tree.map(to64, xs)
-        from paribus import structured
-
-        if not structured.supports(fn):
-            modes = [m for m in modes if m != "structured"]
         flat, unravel = ravel_pytree(params64)
 
         def outputs(theta):

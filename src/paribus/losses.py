@@ -146,7 +146,10 @@ def check_targets(loss: OutputLoss, targets: Any, m: int) -> None:
 def _check_concrete(name: str, spec: Targets | None, targets: Any, m: int) -> None:
     if spec is None or _is_traced(targets):
         return
-    ok = np.asarray(spec.valid(targets, m))
+    # Concrete targets inside someone's jit trace (a batch closed over): evaluate now, on the
+    # host, rather than stage the check into the trace.
+    with jax.ensure_compile_time_eval():
+        ok = np.asarray(spec.valid(targets, m))
     if ok.all():
         return
     t = np.asarray(targets)
@@ -427,9 +430,9 @@ def network_outputs(
     """``residual_fn(params, (xs, ts)) -> (outputs (N, m), targets ts)`` for a loss.
 
     The residual function that ``loss=`` expects from a network: outputs
-    ``z_i = apply(params, x_i)`` and the targets passed through. Like
-    ``pb.regression_residuals``, it tells paribus that the outputs are a ``pb.nets`` network's,
-    which unlocks the structured NTK, diagonals and per-example norms.
+    ``z_i = apply(params, x_i)`` and the targets passed through, for any network ``apply`` of
+    one example. Like ``pb.regression_residuals``, it tells paribus the function is per
+    example, so its Jacobian rows come from the layers' inputs and output cotangents.
 
     Args:
       apply: ``apply(params, x) -> (m,)`` for one example.
@@ -457,6 +460,5 @@ def network_outputs(
         x, t = example
         return apply(params, x), t
 
-    fn = _NetworkOutputs(example_fn, apply=apply)
-    fn.loss = loss
-    return fn
+    # needs_loss: (outputs, targets) mean nothing without a loss, here or at the solver.
+    return _NetworkOutputs(example_fn, apply=apply, loss=loss, needs_loss=True)

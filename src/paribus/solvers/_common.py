@@ -59,12 +59,22 @@ def setup(residual_fn, params, batch, loss, solve, budget, *, where: str):
     require_extras(residual_fn, where=where)
     check_params(params, where=where)
     flat, unravel = ravel_pytree(params)
-    n_res = _model.n_residuals(residual_fn, params, batch, loss)
+    model = _model.build(residual_fn, params, batch, loss, where=where)
     itemsize = np.dtype(flat.dtype).itemsize
-    form = _linear.choose(solve, n_res, flat.size, itemsize, budget)
-    # The dual form needs the NTK's factors anyway: r, J v and J^T u come from them too.
-    model = _model.build(residual_fn, params, batch, loss, where=where, factored=form == "dual")
+    form = _linear.choose(solve, int(model.r.shape[0]), flat.size, itemsize, budget)
     return model, form, flat, unravel
+
+
+def true_grad_norm(model, gnorm: jax.Array) -> jax.Array:
+    """||grad L||: the solve's ||J'^T rw||, except with an OutputLoss, whose whitening floors
+    vanishing curvatures (saturated logits) so that J'^T rw can be far smaller than the true
+    gradient: there one more VJP of the loss's own derivative (``Linearization.grad``)."""
+    from paribus._linearize._whiten import kind
+
+    lin = model.linearization
+    if kind(lin.loss) != "output":
+        return gnorm
+    return jnp.linalg.norm(lin.grad_flat()).astype(gnorm.dtype)
 
 
 def finite(x: jax.Array) -> jax.Array:

@@ -1,8 +1,12 @@
 """``StepInfo``: what a step did, in one record that any optax transformation may carry.
 
-``pb.fit`` reads a step's diagnostics from the first ``StepInfo`` it finds in the optimiser's
-state (``optax.tree.get_all_with_path(state, "StepInfo")``), wherever the transformation sits
-in an ``optax.chain``. Gauss-Newton, Levenberg-Marquardt and the Hessian-free step keep one; a
+``pb.fit`` reads a step's diagnostics from the one ``StepInfo`` it finds in the optimiser's
+state (``optax.tree.get_all_with_path(state, "StepInfo")``); a transformation that keeps one
+must be used alone (or followed in an ``optax.chain`` only by members that leave its steps
+unchanged), since its diagnostics describe the step it returns. The contract: ``accepted``
+False means the returned update is zeros; when accepted, ``step_norm`` is the norm of the
+returned update; ``grad_norm`` is the true ||grad L|| at the parameters the step was computed
+from. Gauss-Newton, Levenberg-Marquardt and the Hessian-free step keep one; a
 transformation of your own that wants its damping, gain ratio and acceptance in ``pb.fit``'s
 history keeps one too (field ``step_info`` of its state, built with :func:`step_info`).
 Transformations without one are first-order: ``pb.fit`` records their update norm and counts
@@ -37,6 +41,9 @@ class StepInfo(NamedTuple):
       repair: index into ``REPAIRS``: how the solve was repaired (0: it was not).
       at_damping_limit: the trial was rejected with lam already at its upper bound: no larger
         damping is left to try.
+      at_noise_floor: the step's predicted decrease and its measured change of L were both
+        below the rounding of L as evaluated (MINPACK's ftol test at machine precision): it
+        was taken on the model's word, and no later step can be judged by L either.
     """
 
     loss: jax.Array
@@ -49,6 +56,7 @@ class StepInfo(NamedTuple):
     form: jax.Array
     repair: jax.Array
     at_damping_limit: jax.Array
+    at_noise_floor: jax.Array
 
 
 def empty_step_info(dtype) -> StepInfo:
@@ -66,6 +74,7 @@ def empty_step_info(dtype) -> StepInfo:
         form=jnp.full((), -1, jnp.int32),
         repair=jnp.zeros((), jnp.int32),
         at_damping_limit=false,
+        at_noise_floor=false,
     )
 
 
@@ -81,6 +90,7 @@ def step_info(
     form: int | jax.Array = -1,
     repair: int | jax.Array = 0,
     at_damping_limit=False,
+    at_noise_floor=False,
 ) -> StepInfo:
     """A :class:`StepInfo`, every number cast to the dtype of ``loss``."""
     dtype = jnp.result_type(loss)
@@ -101,4 +111,5 @@ def step_info(
         form=jnp.asarray(form, jnp.int32).reshape(()),
         repair=jnp.asarray(repair, jnp.int32).reshape(()),
         at_damping_limit=jnp.asarray(at_damping_limit, bool).reshape(()),
+        at_noise_floor=jnp.asarray(at_noise_floor, bool).reshape(()),
     )

@@ -106,16 +106,34 @@ def primal(model: Model, lam, d, min_norm: bool):
 
 
 def qr(model: Model, lam, d, min_norm: bool):
-    """QR of the stacked [J; sqrt(lam D)]: never squares the condition number of J."""
+    """QR of the stacked [J; sqrt(lam D)]: never squares the condition number of J.
+
+    With a loss at the outputs the whitened residuals can be huge where the whitening is tiny
+    (a robust loss far beyond its scale: rw ~ r / sqrt(eps)), and Q^T r then carries their
+    rounding into the step. There the right-hand side is the gradient g = J^T r itself (whose
+    terms are moderate) and the step solves R^T R delta = -g, corrected once with the
+    residual of the normal equations (Bjorck's corrected semi-normal equations: as accurate as
+    QR for the conditions LM meets).
+    """
     jac = model.jacobian()
     g = jac.T @ model.r
     if min_norm:
         delta = jnp.linalg.lstsq(jac, -model.r)[0]
         return delta, jac @ delta, jnp.linalg.norm(g)
     n = jac.shape[1]
-    root = jnp.sqrt(lam * (jnp.ones(n, jac.dtype) if d is None else d))
-    q, upper = jnp.linalg.qr(jnp.concatenate([jac, jnp.diag(root)], axis=0))
-    delta = jsp.linalg.solve_triangular(upper, -(q[: jac.shape[0]].T @ model.r))
+    damp = lam * (jnp.ones(n, jac.dtype) if d is None else d)
+    q, upper = jnp.linalg.qr(jnp.concatenate([jac, jnp.diag(jnp.sqrt(damp))], axis=0))
+    if model.linearization.loss is None:
+        delta = jsp.linalg.solve_triangular(upper, -(q[: jac.shape[0]].T @ model.r))
+        return delta, jac @ delta, jnp.linalg.norm(g)
+
+    def normal_solve(b):
+        y = jsp.linalg.solve_triangular(upper, b, trans="T")
+        return jsp.linalg.solve_triangular(upper, y)
+
+    delta = normal_solve(-g)
+    residual = -g - (jac.T @ (jac @ delta) + damp * delta)
+    delta = delta + normal_solve(residual)
     return delta, jac @ delta, jnp.linalg.norm(g)
 
 

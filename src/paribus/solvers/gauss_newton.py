@@ -82,6 +82,7 @@ def gauss_newton(
         delta, _, gnorm = _linear.solve(
             form, model, zero, None, min_norm=True, cg_options=cg_options
         )
+        gnorm = _common.true_grad_norm(model, gnorm)
         ok = _common.finite(delta)
         delta = jnp.where(ok, delta, 0)
         info = step_info(

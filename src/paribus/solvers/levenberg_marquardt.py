@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from paribus.solvers import _common, _damping, _linear, _model
+from paribus.solvers import _common, _damping, _linear
 from paribus.solvers._info import StepInfo, empty_step_info, step_info
 
 PyTree = Any
@@ -20,9 +20,11 @@ class LevenbergMarquardtState(NamedTuple):
     """Arrays only, so the state jits, vmaps and serialises.
 
     ``damping``, ``nu`` and ``radius`` drive the next trial; ``scale`` is the running max of
-    diag(J^T J) (Marquardt scaling; ones otherwise). ``step_info`` (:class:`pb.StepInfo`)
-    describes the last trial: the loss and gradient norm it was computed from, its lam, gain
-    ratio (-inf when the trial was not finite), acceptance, norm, trial loss and solve form.
+    diag(J^T J) (Marquardt scaling; ones otherwise); ``tie_step`` is the norm of the last step
+    taken at the noise floor of L (0 after any other step; see ``update``). ``step_info``
+    (:class:`pb.StepInfo`) describes the last trial: the loss and gradient norm it was computed
+    from, its lam, gain ratio (-inf when the trial was not finite), acceptance, norm, trial
+    loss and solve form.
     """
 
     count: jax.Array
@@ -30,19 +32,27 @@ class LevenbergMarquardtState(NamedTuple):
     nu: jax.Array
     radius: jax.Array
     scale: jax.Array
+    tie_step: jax.Array
     step_info: StepInfo
 
 
-def gain_ratio(value, trial_value, jd, r, ok) -> jax.Array:
+TIE_SHRINK = 0.9
+"""At the noise floor of L, steps are taken on the model's word while each is at most this
+fraction of the one before (the iteration still contracts toward the minimum: MINPACK's ftol
+test would stop at the first such step, with theta accurate to about sqrt(eps)); a tie step
+that does not shrink is noise, and LM reports ``at_noise_floor``."""
+
+
+def gain_ratio(actual, jd, r, ok) -> jax.Array:
     """rho = (L - L_trial) / (m(0) - m(delta)), -inf for a non-finite trial or no predicted gain.
 
-    The predicted decrease 1/2 ||r||^2 - 1/2 ||r + J delta||^2 = -(J delta).(r + J delta / 2) is
+    ``actual`` is L - L_trial (computed without cancellation by the linearisation). The
+    predicted decrease 1/2 ||r||^2 - 1/2 ||r + J delta||^2 = -(J delta).(r + J delta / 2) is
     computed in that factored form: no cancellation between two nearly equal norms, and exact
     for an inexact (cg) solve too.
     """
     predicted = -jnp.vdot(jd, r + 0.5 * jd)
-    actual = value - trial_value
-    good = ok & jnp.isfinite(trial_value) & (predicted > 0)
+    good = ok & jnp.isfinite(actual) & (predicted > 0)
     return jnp.where(good, actual / jnp.where(good, predicted, 1), -jnp.inf)
 
 
@@ -65,11 +75,7 @@ def _first_damping(state, model, d, rule_tau):
     def relative():
         return jnp.asarray(rule_tau * jnp.max(model.jtj_diag()), state.damping.dtype)
 
-    lam = jax.lax.cond(state.count == 0, relative, lambda: state.damping)
-    # Values traced inside the cond branch must not leak out of it through the memos.
-    for memo in (model.jacobian, model.ntk, model.jtj_diag):
-        memo.cache_clear()
-    return lam
+    return jax.lax.cond(state.count == 0, relative, lambda: state.damping)
 
 
 def _check_config(solve, damping, scaling, damping_bounds, *, where):
@@ -180,6 +186,7 @@ def levenberg_marquardt(
             nu=jnp.asarray(2, dt),
             radius=jnp.where(radius > 0, radius, 100).astype(dt),
             scale=jnp.zeros_like(flat),
+            tie_step=jnp.zeros((), dt),
             step_info=empty_step_info(dt),
         )
 
@@ -194,6 +201,7 @@ def levenberg_marquardt(
         delta, jd, gnorm = _linear.solve(
             form, model, lam, d, min_norm=False, cg_options=cg_options, dual_options=dual_options
         )
+        gnorm = _common.true_grad_norm(model, gnorm)
         ok = _common.finite(delta) & _common.finite(jd)
         delta, jd = jnp.where(ok, delta, 0), jnp.where(ok, jd, 0)
         # Leaf by leaf, not unravel(flat + delta): on the CPU the latter made XLA rebuild every
@@ -201,11 +209,22 @@ def levenberg_marquardt(
         # 16-1024-1024-1, N = 1024).
         trial = jax.tree.map(jnp.add, params, unravel(delta))
         _common.trial_structure_check(residual_fn, params, trial, batch, where=where)
-        trial_value = _model.objective(residual_fn, trial, batch, loss)
-        rho = gain_ratio(model.value, trial_value, jd, model.r, ok)
-        accepted = rho > rule.threshold
+        lin = model.linearization
+        actual, trial_value = lin.decrease(residual_fn(trial, batch))
+        rho = gain_ratio(actual.astype(jd.dtype), jd, model.r, ok)
+        # A tie: the model promises less than L's own rounding, and the measured change is
+        # within it. Neither can be judged by evaluating L, so the model is trusted (it is exact
+        # to second order at such small steps); rejecting would stall a few digits short of the
+        # minimum (robust losses: the gradient stuck at 1e-8 against 1e-12 reachable).
+        predicted = -jnp.vdot(jd, model.r + 0.5 * jd)
+        noise = lin.noise.astype(jd.dtype)
+        tie = ok & jnp.isfinite(actual) & (jnp.abs(predicted) <= noise) & (jnp.abs(actual) <= noise)
+        accepted = (rho > rule.threshold) | tie
         snorm = jnp.linalg.norm(delta if d is None else jnp.sqrt(d) * delta)
-        new_lam, nu, radius = rule.update(lam, state.nu, state.radius, rho, accepted, snorm)
+        rho_rule = jnp.where(tie, 1.0, rho)
+        step_norm = jnp.linalg.norm(delta).astype(state.tie_step.dtype)
+        tie_step = jnp.where(tie, step_norm, 0).astype(state.tie_step.dtype)
+        new_lam, nu, radius = rule.update(lam, state.nu, state.radius, rho_rule, accepted, snorm)
         next_lam = jnp.clip(new_lam, lo, hi).astype(lam.dtype)
         info = step_info(
             loss=model.value.astype(lam.dtype),
@@ -217,6 +236,7 @@ def levenberg_marquardt(
             trial_loss=trial_value,
             form=_linear.CODES[form],
             at_damping_limit=~accepted & (next_lam <= lam),
+            at_noise_floor=tie & (state.tie_step > 0) & (step_norm > TIE_SHRINK * state.tie_step),
         )
         new_state = LevenbergMarquardtState(
             count=state.count + 1,
@@ -224,6 +244,7 @@ def levenberg_marquardt(
             nu=nu,
             radius=radius.astype(state.radius.dtype),
             scale=running,
+            tie_step=tie_step,
             step_info=info,
         )
         return unravel(jnp.where(accepted, delta, 0)), new_state

@@ -1,0 +1,6 @@
+"""The linearisation hub: ``pb.linearize`` and the structure it reads from the user's function."""
+
+from paribus._linearize._plan import LeafPlan, Plan
+from paribus._linearize.linearization import Linearization, linearize
+
+__all__ = ["LeafPlan", "Linearization", "Plan", "linearize"]

@@ -1,0 +1,434 @@
+"""``pb.linearize``: the Gauss-Newton model of an objective at the current parameters.
+
+For residuals r(theta) (R,) of ``residual_fn(params, batch)`` and J = dr/dtheta (R, P), the
+model is m(delta) = 1/2 ||r + J delta||^2. Every solver and curvature function of paribus stands
+on the :class:`Linearization` built here once per step: the loss, r, J v, J^T u, the kernel
+J J^T, diag(J^T J), per-example gradient norms and, on request, J itself. With a loss at the
+outputs (``pb.losses``), r and J are those of the whitened problem (see
+``paribus._linearize._whiten``): the same model for cross-entropy and robust fitting.
+
+How J is reached depends on what the function tells (``Linearization.plan`` says which):
+
+- a per-example function (``pb.per_example``, ``pb.regression_residuals``,
+  ``pb.losses.network_outputs``), or a whole-batch function whose jaxpr shows that no operation
+  mixes examples: each parameter leaf is placed in the layers of the per-example jaxpr
+  (``paribus._linearize._jaxpr``) and its block of J J^T comes from the layer's inputs and
+  output cotangents (``_structured``); leaves it cannot place fall back to per-example Jacobian
+  columns of just those leaves;
+- any other function (rows that depend on other examples, or no batch at all): products with
+  the whole-batch function, J built from chunks of them (``_opaque``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from paribus import _tree
+from paribus._linearize import _jaxpr, _separable
+from paribus._linearize._opaque import Opaque
+from paribus._linearize._plan import LeafPlan, Plan
+from paribus._linearize._structured import Structured
+from paribus._linearize._whiten import kind
+
+PyTree = Any
+
+
+class Linearization:
+    """The Gauss-Newton model of an objective at ``params``: built once, used by everything.
+
+    Rows are in the order of ``ravel_pytree(residual_fn(params, batch))`` (for a loss at the
+    outputs: example i, output j at row ``i*m + j``); columns in ``ravel_pytree(params)`` order.
+
+    Attributes:
+      value: the loss L(theta) (1/2 ||r||^2, or the loss's value).
+      r: (R,) the residuals (whitened for a loss: the model is 1/2 ||r + J delta||^2).
+      plan: a :class:`Plan`: what was found in the function and how each leaf's columns are
+        computed. ``print(lin.plan)`` shows it.
+      n_residuals, n_params: R and P; n_examples: N (None without examples).
+      loss: the loss in use (None: 1/2 ||r||^2), given or carried by the residual function.
+    """
+
+    def __init__(self, backend, params: PyTree, plan: Plan, order: np.ndarray | None, loss):
+        self._backend = backend
+        self.loss = loss
+        self._leaves, self._treedef = jax.tree.flatten(params)
+        self._order = order
+        self._inverse = None if order is None else np.argsort(order)
+        self.plan = plan
+        w = backend.whitening
+        self.value = w.value
+        self.r = self._to_user(w.rw)
+        self.n_residuals = int(self.r.shape[0])
+        self.n_params = _tree.num_params(params)
+        self.n_examples = plan.n_examples if plan.source in ("per_example", "separable") else None
+        self._shape = w.rw.shape
+        # What the objective is a function of: (N, m) outputs for an OutputLoss, else the
+        # residuals (R,) in the user's order (see trial_outputs).
+        output_loss = kind(loss) == "output"
+        self.outputs = backend.z if output_loss else self._to_user(backend.z)
+        self.targets = getattr(backend, "targets", None)
+        # The rounding of L as evaluated: changes of L below it cannot be measured. Each term of
+        # L moves by about eps |dL/dz_k| |z_k| when z_k is recomputed (eps of z's dtype).
+        grad_z = self._grad_z()
+        eps = jnp.finfo(w.rw.dtype).eps
+        self.noise = 8 * eps * (jnp.abs(self.value) + jnp.sum(jnp.abs(grad_z * backend.z)))
+
+    def trial_outputs(self, out: Any) -> jax.Array:
+        """``residual_fn(trial, batch)`` laid out like :attr:`outputs`."""
+        if kind(self.loss) == "output":
+            return out[0]
+        return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(out)])
+
+    def decrease(self, trial_out: Any) -> tuple[jax.Array, jax.Array]:
+        """(L - L_trial, L_trial) for ``trial_out = residual_fn(trial, batch)``, computed
+        without cancellation (see ``paribus._linearize._whiten.decrease``)."""
+        from paribus._linearize._whiten import decrease
+
+        z1 = self.trial_outputs(trial_out).astype(self.outputs.dtype)
+        return decrease(self.loss, self.outputs, z1, self.targets, self.value)
+
+    # Row order: the backends work in (N, m), example-major; users see their own order.
+    def _to_user(self, rows_nm: jax.Array) -> jax.Array:
+        flat = rows_nm.reshape(-1)
+        return flat if self._order is None else flat[self._order]
+
+    def _from_user(self, u: jax.Array) -> jax.Array:
+        u = jnp.asarray(u)
+        if u.shape != (self.n_residuals,):
+            raise ValueError(
+                f"Linearization.vjp: expected a cotangent of shape ({self.n_residuals},) (one "
+                f"entry per residual); got {u.shape}."
+            )
+        flat = u if self._inverse is None else u[self._inverse]
+        return flat.reshape(self._shape)
+
+    def _unflatten(self, leaves: list) -> PyTree:
+        return jax.tree.unflatten(self._treedef, leaves)
+
+    def jvp(self, tangent: PyTree) -> jax.Array:
+        """J v (R,) for a tangent v shaped like ``params``."""
+        leaves = _leaves_like(tangent, self._treedef, self._leaves, where="Linearization.jvp")
+        return self._to_user(self._backend.jvp(leaves))
+
+    def vjp(self, cotangent: jax.Array) -> PyTree:
+        """J^T u, shaped like ``params``, for u (R,)."""
+        return self._unflatten(self._backend.vjp(self._from_user(cotangent)))
+
+    def grad(self) -> PyTree:
+        """grad L = J^T dL/dz, shaped like ``params``: J^T r for 1/2 ||r||^2.
+
+        With a loss this is the true gradient, taken through the loss's own derivative at the
+        outputs, not J'^T rw of the whitened model: the two differ where a whitening floors a
+        vanishing curvature (softmax cross-entropy on saturated logits).
+        """
+        return self._unflatten(self._backend.vjp_outputs(self._grad_z()))
+
+    def grad_flat(self) -> jax.Array:
+        return jnp.concatenate([jnp.ravel(g) for g in self._backend.vjp_outputs(self._grad_z())])
+
+    def _grad_z(self) -> jax.Array:
+        """dL/dz (N, m) in the backend's layout."""
+        w = self._backend.whitening
+        if kind(self.loss) != "output":
+            return w.backward(w.rw)  # exact: S^T rw = z, or rho'(z) z for a robust loss
+        loss, targets = self.loss, self.targets
+        return jax.grad(lambda z: jnp.sum(jax.vmap(loss.value)(z, targets)))(self._backend.z)
+
+    def ntk(self, *, memory_budget: int | None = None) -> jax.Array:
+        """K = J J^T (R, R), the empirical neural tangent kernel of the (whitened) rows."""
+        if isinstance(self._backend, Opaque):
+            kernel = self._backend.ntk(self._chunk(memory_budget))
+        else:
+            kernel = self._backend.ntk()
+        if self._order is None:
+            return kernel
+        return kernel[self._order][:, self._order]
+
+    def jtj_diag(self, *, memory_budget: int | None = None) -> PyTree:
+        """diag(J^T J) shaped like ``params``: the squared column norms of J."""
+        if isinstance(self._backend, Opaque):
+            return self._unflatten(self._backend.jtj_diag(self._chunk(memory_budget)))
+        return self._unflatten(self._backend.jtj_diag())
+
+    def per_example_grad_norms(self) -> jax.Array:
+        """||g_i|| (N,): the norm of the gradient of example i's loss, for every example."""
+        if isinstance(self._backend, Opaque):
+            raise ValueError(
+                "per_example_grad_norms: this residual function is not per example ("
+                f"{self.plan.note or self.plan.source}); per-example gradients are not "
+                "defined. Mark it with pb.per_example(example_fn) if its rows are independent."
+            )
+        return jnp.sqrt(self._backend.per_example_sq_norms())
+
+    def dense(self, *, memory_budget: int | None = None, structured: bool = False) -> jax.Array:
+        """J (R, P), built per example (or from chunked products) within ``memory_budget``
+        bytes (default: half the device's free memory). ``structured=True`` assembles the
+        rows of each placed leaf from its layer's inputs and output cotangents instead of
+        per-example reverse mode (the same numbers: a twin for tests)."""
+        if structured and isinstance(self._backend, Structured):
+            jac = self._backend.dense_structured()
+        else:
+            jac = self._backend.dense(self._chunk(memory_budget))
+        jac = jac.reshape(-1, jac.shape[-1])
+        return jac if self._order is None else jac[self._order]
+
+    def _chunk(self, budget: int | None) -> int | None:
+        from paribus import memory
+
+        n, m = self._shape
+        dtype = self._backend.z.dtype
+        if isinstance(self._backend, Opaque):
+            # Chunks of products: each holds one row (or column) of J at a time.
+            per = max(self.n_params, self.n_residuals) * np.dtype(dtype).itemsize
+            return memory.chunk_size(
+                min(self.n_params, self.n_residuals), 4 * per,
+                fixed_bytes=self.n_residuals * self.n_params * np.dtype(dtype).itemsize,
+                budget=budget, what="the Jacobian",
+            )  # fmt: skip
+        return memory.jacobian_chunk_size(n, m, self.n_params, dtype, budget=budget)
+
+    # Flat views for the solvers (the linear-algebra boundary).
+    def jvp_flat(self, v: jax.Array) -> jax.Array:
+        return self.jvp(self._unravel(v))
+
+    def vjp_flat(self, u: jax.Array) -> jax.Array:
+        return jnp.concatenate([jnp.ravel(g) for g in self._backend.vjp(self._from_user(u))])
+
+    def jtj_diag_flat(self) -> jax.Array:
+        return jnp.concatenate([jnp.ravel(d) for d in jax.tree.leaves(self.jtj_diag())])
+
+    def _unravel(self, v: jax.Array) -> PyTree:
+        sizes = [int(np.size(leaf)) for leaf in self._leaves]
+        parts = jnp.split(v, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else [v]
+        leaves = [p.reshape(np.shape(leaf)) for p, leaf in zip(parts, self._leaves, strict=True)]
+        return self._unflatten(leaves)
+
+    def __repr__(self) -> str:
+        return (
+            f"Linearization(R={self.n_residuals}, P={self.n_params}, source={self.plan.source!r})"
+        )
+
+
+def _leaves_like(tree: PyTree, treedef, leaves: list, *, where: str) -> list:
+    """The leaves of ``tree``, checked to have the structure and shapes of ``params``."""
+    got = jax.tree.structure(tree)
+    if got != treedef:
+        raise ValueError(f"{where}: expected a pytree shaped like params ({treedef}); got {got}.")
+    out = []
+    for a, b in zip(jax.tree.leaves(tree), leaves, strict=True):
+        if np.shape(a) != np.shape(b):
+            raise ValueError(
+                f"{where}: expected leaves shaped like params; got {np.shape(a)} where params "
+                f"has {np.shape(b)}."
+            )
+        out.append(jnp.asarray(a).astype(jnp.result_type(b)))
+    return out
+
+
+def cross_ntk(lin: Linearization, other: Linearization) -> jax.Array:
+    """J(batch) J(other batch)^T (R, R') for two linearisations of one per-example function."""
+    if not (isinstance(lin._backend, Structured) and isinstance(other._backend, Structured)):
+        raise ValueError("a kernel between two batches needs a per-example function.")
+    kernel = lin._backend.ntk(other._backend)
+    if lin._order is not None:
+        kernel = kernel[lin._order]
+    if other._order is not None:
+        kernel = kernel[:, other._order]
+    return kernel
+
+
+# ------------------------------------------------------------------------------- building
+
+
+def _resolve_loss(residual_fn, loss, *, where: str):
+    from paribus.residuals import resolve_loss
+
+    return resolve_loss(residual_fn, loss, where=where)
+
+
+def _batch_size(batch: PyTree) -> int | None:
+    """N when every leaf of the batch has the same leading axis, else None."""
+    leaves = jax.tree.leaves(batch)
+    if not leaves:
+        return None
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+    if len(sizes) != 1 or None in sizes:
+        return None
+    return int(sizes.pop())
+
+
+def _example_spec(batch: PyTree) -> PyTree:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.result_type(a)), batch)
+
+
+def _per_example_parts(example_fn: Callable, params: PyTree, batch: PyTree, loss, *, where):
+    """(z_fn, targets, order) of a per-example function."""
+    treedef = jax.tree.structure(params)
+    output_loss = kind(loss) == "output"
+    out = jax.eval_shape(example_fn, params, jax.tree.map(lambda a: a[0], batch))
+    if output_loss:
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            raise TypeError(
+                f"{where}: with loss={loss.name!r}, the function must return a pair (outputs, "
+                f"targets) per example; got {jax.tree.structure(out)}. Build it with "
+                "pb.losses.network_outputs(apply, loss)."
+            )
+        z_spec = out[0]
+        if not isinstance(z_spec, jax.ShapeDtypeStruct) or len(z_spec.shape) != 1:
+            raise TypeError(
+                f"{where}: with loss={loss.name!r}, the outputs of one example must be a "
+                f"vector (m,); got {z_spec}."
+            )
+    else:
+        _check_float_outputs(out, where=where)
+
+    def z_fn(leaves, ex):
+        res = example_fn(jax.tree.unflatten(treedef, leaves), ex)
+        if output_loss:
+            return res[0]
+        return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(res)])
+
+    targets = None
+    if output_loss:
+        targets = jax.lax.stop_gradient(jax.vmap(lambda ex: example_fn(params, ex)[1])(batch))
+    order = None
+    if not output_loss:
+        sizes = [int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(out)]
+        if len(sizes) > 1:
+            order = _leaf_major_order(_batch_size(batch), sizes)
+    return z_fn, targets, order
+
+
+def _leaf_major_order(n: int, sizes: list[int]) -> np.ndarray:
+    """Example-major index of each row in leaf-major (ravel_pytree of the batch) order."""
+    m = sum(sizes)
+    offsets = np.cumsum([0, *sizes[:-1]])
+    order = [i * m + off + j for off, size in zip(offsets, sizes, strict=True)
+             for i in range(n) for j in range(size)]  # fmt: skip
+    return np.asarray(order, np.int64)
+
+
+def _check_float_outputs(out: Any, *, where: str) -> None:
+    leaves = jax.tree.leaves(out)
+    if not leaves or not all(jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves):
+        raise TypeError(
+            f"{where}: the residual function must return a float array or a pytree of float "
+            f"arrays; got {out}."
+        )
+
+
+def _structured(z_fn, params, batch, loss, targets, *, where: str):
+    leaves = jax.tree.leaves(params)
+    names = _tree.leaf_names(params)
+    try:
+        analysis = _jaxpr.analyse(z_fn, leaves, _example_spec(batch))
+        note = ""
+    except Exception as err:  # noqa: BLE001 - any failure to read the jaxpr: per-example columns
+        analysis, note = None, f"its jaxpr could not be read ({type(err).__name__}: {err})"
+    backend = Structured(z_fn, leaves, names, batch, loss, targets, analysis)
+    return backend, backend.plan_leaves(), note
+
+
+def _loss_name(loss) -> str:
+    return "squared" if loss is None else str(getattr(loss, "name", loss))
+
+
+def linearize(
+    residual_fn: Callable,
+    params: PyTree,
+    batch: PyTree = None,
+    *,
+    loss: Any = None,
+) -> Linearization:
+    """The Gauss-Newton model of ``residual_fn`` at ``params``: r, J v, J^T u, J J^T, ...
+
+    With r (R,) the residuals of ``residual_fn(params, batch)`` in ravel order and
+    J = dr/dtheta (R, P), the returned :class:`Linearization` holds L, r and the products with
+    J that Gauss-Newton, Levenberg-Marquardt and the curvature functions use. With a ``loss``
+    at the outputs (an ``OutputLoss`` such as ``pb.losses.softmax_cross_entropy()``, whose
+    residual function returns ``(outputs (N, m), targets)``; or a robust ``ResidualLoss``), r
+    and J are those of the whitened problem: J' = S J with S^T S the loss Hessian, so J'^T J'
+    is the generalised Gauss-Newton matrix and J'^T r the gradient.
+
+    Call it inside ``jax.jit``; it costs one forward pass of the batch, and each product about
+    one more. What it found in the function, and how it computes each leaf's columns, is in
+    ``.plan``.
+
+    Args:
+      residual_fn: ``residual_fn(params, batch)``; ``pb.per_example``,
+        ``pb.regression_residuals`` and ``pb.losses.network_outputs`` tell it the function is
+        per example; a plain function of the whole batch is checked for that from its jaxpr.
+      params: a pytree of float arrays.
+      batch: a pytree of arrays with a leading example axis (or anything, without examples).
+      loss: None (1/2 ||r||^2), an ``OutputLoss`` or a ``ResidualLoss``; default the loss the
+        residual function carries (``pb.losses.network_outputs(apply, loss)``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, paribus as pb
+      >>> init, apply = pb.nets.mlp([1, 8, 1])
+      >>> xs = jnp.linspace(-1, 1, 5)[:, None]
+      >>> lin = pb.linearize(pb.regression_residuals(apply), init(jax.random.key(0)),
+      ...                    (xs, jnp.sin(xs)))
+      >>> lin.r.shape, lin.ntk().shape, lin.plan.forms()["layers[1].w"]
+      ((5,), (5, 5), 'factored')
+    """
+    where = "pb.linearize"
+    _tree.check_float_params(params, where=where)
+    loss = _resolve_loss(residual_fn, loss, where=where)
+    from paribus.residuals import PerExample
+
+    n = _batch_size(batch)
+    p_total = _tree.num_params(params)
+    if isinstance(residual_fn, PerExample):
+        if n is None or n == 0:
+            raise ValueError(
+                f"{where}: a per-example residual function needs a batch whose arrays share a "
+                f"leading example axis N >= 1; got {jax.tree.map(np.shape, batch)}."
+            )
+        z_fn, targets, order = _per_example_parts(
+            residual_fn.example_fn, params, batch, loss, where=where
+        )
+        backend, leaves, note = _structured(z_fn, params, batch, loss, targets, where=where)
+        plan = Plan("per_example", note, n, backend.m, p_total, tuple(leaves), _loss_name(loss))
+        return Linearization(backend, params, plan, order, loss)
+    out = jax.eval_shape(residual_fn, params, batch)
+    if kind(loss) == "output":
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            raise TypeError(
+                f"{where}: with loss={loss.name!r}, residual_fn(params, batch) must return a "
+                f"pair (outputs (N, m), targets); got {jax.tree.structure(out)}."
+            )
+        if len(getattr(out[0], "shape", ())) != 2:
+            raise TypeError(
+                f"{where}: with loss={loss.name!r}, the outputs must be a float (N, m) array; "
+                f"got {out[0]}."
+            )
+    else:
+        _check_float_outputs(out, where=where)
+    proof = _separable.prove(residual_fn, params, batch, loss) if n else None
+    if proof is not None and proof.example_fn is not None:
+        z_fn, targets, order = _per_example_parts(
+            proof.example_fn, params, batch, loss, where=where
+        )
+        backend, leaves, note = _structured(z_fn, params, batch, loss, targets, where=where)
+        plan = Plan("separable", note, n, backend.m, p_total, tuple(leaves), _loss_name(loss))
+        return Linearization(backend, params, plan, proof.order if order is None else order, loss)
+    backend = Opaque(residual_fn, params, batch, loss, where=where)
+    names = _tree.leaf_names(params)
+    leaves = tuple(LeafPlan(nm, tuple(np.shape(leaf)), "opaque")
+                   for nm, leaf in zip(names, jax.tree.leaves(params), strict=True))  # fmt: skip
+    source = "opaque" if n else "no_batch"
+    note = proof.reason if proof is not None else ""
+    plan = Plan(source, note, backend.n, backend.m, p_total, leaves, _loss_name(loss))
+    return Linearization(backend, params, plan, None, loss)
+
+
+def ravel(params: PyTree) -> tuple[jax.Array, Callable]:
+    """``ravel_pytree`` (re-exported for the solvers)."""
+    return ravel_pytree(params)
