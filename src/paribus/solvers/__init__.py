@@ -8,11 +8,13 @@ from paribus.solvers._damping import RULES
 from paribus.solvers._info import REPAIRS, StepInfo, step_info
 from paribus.solvers._linear import FORMS, SOLVES
 from paribus.solvers.gauss_newton import GaussNewtonState, gauss_newton
+from paribus.solvers.hessian_free import HessianFreeState, hessian_free
 from paribus.solvers.levenberg_marquardt import (
     LevenbergMarquardtState,
     gain_ratio,
     levenberg_marquardt,
 )
+from paribus.solvers.line_search import LineSearchState, line_search
 
 DAMPING_RULES = tuple(sorted(RULES))
 
@@ -23,9 +25,13 @@ __all__ = [
     "SOLVES",
     "StepInfo",
     "GaussNewtonState",
+    "HessianFreeState",
     "LevenbergMarquardtState",
+    "LineSearchState",
     "gain_ratio",
     "gauss_newton",
+    "hessian_free",
     "levenberg_marquardt",
+    "line_search",
     "step_info",
 ]
