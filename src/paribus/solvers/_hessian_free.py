@@ -84,13 +84,14 @@ class _CG(NamedTuple):
 
 def martens_cg(matvec, b, x0, precond, *, max_steps: int, tol: float) -> _CG:
     """Preconditioned CG on A x = b from x0, stopped by Martens' test on the quadratic
-    phi(x) = 1/2 x.A x - b.x = -1/2 x.(b + r), r = b - A x; keeps the iterates at
-    :func:`save_points` (the last iterate closes the list)."""
+    phi(x) = 1/2 x.A x - b.x = -1/2 x.(b + r), r = b - A x (or when ||r|| falls to 16 eps
+    ||b||); keeps the iterates at :func:`save_points` (the last iterate closes the list)."""
     save_at = jnp.asarray(save_points(max_steps))
     r0 = b - matvec(x0)
     y0 = precond(r0)
     phis = jnp.zeros(max_steps + 1, b.dtype).at[0].set(-0.5 * jnp.vdot(x0, b + r0))
     saved = jnp.zeros((save_at.shape[0] + 1, b.shape[0]), b.dtype)
+    floor = (16 * jnp.finfo(b.dtype).eps) ** 2 * jnp.vdot(b, b)
 
     def body(c):
         i, x, r, y, p, phis, saved, n, _ = c
@@ -109,6 +110,8 @@ def martens_cg(matvec, b, x0, precond, *, max_steps: int, tol: float) -> _CG:
         k = jnp.maximum(10, i // 10)
         progress = (phi - phis[jnp.maximum(i - k, 0)]) / jnp.where(phi < 0, phi, -1)
         done = ((i > k) & (phi < 0) & (progress < k * tol)) | (curvature <= 0)
+        # Converged to rounding: further iterations would only move x by noise.
+        done = done | (jnp.vdot(r_new, r_new) <= floor)
         return i, x, r_new, y_new, p, phis, saved, n, done | ~jnp.isfinite(phi)
 
     zero = jnp.zeros((), jnp.int32)

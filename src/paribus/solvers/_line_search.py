@@ -11,6 +11,8 @@ search keeps the direction and picks its length, theta + eta d:
   L(theta + eta d) <= L(theta) + c eta g.d holds (Nocedal & Wright, algorithm 3.1).
 
 When no trial lowers the loss (or none meets the Armijo condition) the step is rejected: zeros.
+An undamped direction would come back unchanged at the next step, so the rejection is reported
+at the damping limit (``pb.fit`` then stops: "damping_limit", or "step" at a small gradient).
 """
 
 from __future__ import annotations
@@ -153,6 +155,9 @@ def line_search(
             gain_ratio=rho.astype(dtype),
             step_norm=(size * optax.tree.norm(d)).astype(dtype),
             trial_loss=(info.loss - dec).astype(dtype),
+            # An undamped direction (Gauss-Newton) whose every step size failed comes back
+            # unchanged at the next step: nothing is left to try.
+            at_damping_limit=info.at_damping_limit | (~accepted & ~(info.damping > 0)),
         )
         inner = optax.tree.set(inner, StepInfo=new_info)
         return step, LineSearchState(inner, eta, trials)
