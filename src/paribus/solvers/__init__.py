@@ -5,16 +5,16 @@ into it (-1: no Jacobian-based step).
 """
 
 from paribus.solvers._damping import RULES
+from paribus.solvers._hessian_free import HessianFreeState, hessian_free
 from paribus.solvers._info import REPAIRS, StepInfo, step_info
+from paribus.solvers._line_search import LineSearchState, line_search
 from paribus.solvers._linear import FORMS, SOLVES
 from paribus.solvers.gauss_newton import GaussNewtonState, gauss_newton
-from paribus.solvers.hessian_free import HessianFreeState, hessian_free
 from paribus.solvers.levenberg_marquardt import (
     LevenbergMarquardtState,
     gain_ratio,
     levenberg_marquardt,
 )
-from paribus.solvers.line_search import LineSearchState, line_search
 
 DAMPING_RULES = tuple(sorted(RULES))
 
