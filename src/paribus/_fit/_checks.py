@@ -194,7 +194,8 @@ def check_indices(batch_indices, batch) -> Any:
             f"pb.fit: batch_indices must lie in [0, {n}) for a batch of {n} examples; got "
             f"{bad[:5].tolist()}."
         )
-    return jnp.asarray(indices)
+    # device_put, not jnp.asarray: that compiles a copy kernel on the first call.
+    return indices if is_traced(indices) else jax.device_put(indices)
 
 
 def _fresh_state(opt_state, dtype) -> FitState:

@@ -89,13 +89,17 @@ _grad_norm = jax.jit(_grad_norm_fn, static_argnames="cfg")
 
 
 def point_batch(cfg: Config, data, k: int, k_chunk: int) -> PyTree:
+    """The batch theta_k was evaluated on, from the data of the chunk that started at k_chunk."""
     if cfg.schedule == "stacked":
-        return jax.tree.map(lambda a: a[k - k_chunk], data)
+        return data[k - k_chunk]
     return batch_at(cfg, data, k, 0)
 
 
-def confirm(result: FitResult, cfg: Config, tols: _rules.Tols, batch: PyTree) -> FitResult:
+def confirm(result: FitResult, cfg: Config, tols: _rules.Tols, batch_fn) -> FitResult:
     """Re-judge a convergence stop where the loop could not see everything.
+
+    ``batch_fn()`` gives the batch of the returned point, called only here where it is needed
+    (selecting a minibatch on the host compiles kernels).
 
     - A loss that is exactly 0 at the start while a residual is not: 1/2 ||r||^2 underflowed
       (residuals near 1e-20 in float32), so the gradient and loss tests mean nothing:
@@ -109,11 +113,11 @@ def confirm(result: FitResult, cfg: Config, tols: _rules.Tols, batch: PyTree) ->
         return result
     new = reason
     if cfg.loss is None and result.history.loss[0] == 0:
-        r = cfg.residual_fn(result.params, batch)
+        r = cfg.residual_fn(result.params, batch_fn())
         if any(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(r)):
             new = "underflow"
     elif cfg.loss is not None and reason in ("gradient", "step"):
-        g = float(_grad_norm(cfg, result.params, batch))
+        g = float(_grad_norm(cfg, result.params, batch_fn()))
         scale = max(float(result.state.grad_scale), g)
         small = g <= max(float(tols.grad), float(tols.small_rel) * scale)
         ok = g <= float(tols.grad) if reason == "gradient" else small

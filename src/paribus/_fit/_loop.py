@@ -59,7 +59,7 @@ def batch_at(cfg: Config, data: PyTree, k, j) -> PyTree:
     """The batch of theta_k, the j-th point of the chunk."""
     if cfg.schedule is None:
         return data
-    if cfg.schedule == "stacked":
+    if cfg.schedule == "stacked":  # stacked by run_chunk
         return jax.tree.map(lambda a: a[j], data)
     batch, indices = data
     rows = indices[k % indices.shape[0]]
@@ -109,6 +109,10 @@ def run_chunk(cfg: Config, carry: Carry, fresh, data, limit, tols: _rules.Tols, 
     """
     params, fs = carry.cur
     dtype = _tree.param_dtype(params)
+    if cfg.schedule == "stacked":
+        # The chunk's batches arrive as a tuple: stacked here, not by an eager jnp.stack (a
+        # kernel compiled on the first call).
+        data = jax.tree.map(lambda *batches: jnp.stack(batches), *data)
     # A cond, not a select per leaf: each scalar select is a kernel of its own on the CPU.
     opt_state = jax.lax.cond(fresh, lambda: cfg.opt.init(params), lambda: fs.opt_state)
     cur = Point(params, fs._replace(opt_state=opt_state))

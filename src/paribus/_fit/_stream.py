@@ -6,14 +6,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
 
 
 class Stream:
-    """Minibatches from an iterator, stacked ``size`` at a time as the loop asks for them.
+    """Minibatches from an iterator, ``size`` at a time as the loop asks for them.
 
     One batch is read ahead, so the chunk that holds the iterator's last batch ends the run
     there (as ``max_steps`` would): at most one chunk's batches are drawn beyond those used.
@@ -38,7 +37,8 @@ class Stream:
         return self.ahead[0]
 
     def chunk(self, k: int, limit: int) -> tuple[PyTree, int]:
-        """The stacked batches for theta_k, theta_(k+1), ... and the chunk's step limit."""
+        """The batches for theta_k, theta_(k+1), ... (``size`` of them, the last repeated: the
+        compiled loop stacks them) and the chunk's step limit."""
         want = min(self.size, limit - k + 1)
         items = self.ahead
         while len(items) < want + 1:
@@ -51,11 +51,7 @@ class Stream:
         used, self.ahead = items[:want], items[want:]
         if not self.ahead:  # the iterator ran out: the last batch ends the run
             limit = min(limit, k + len(used) - 1)
-        used = used + [used[-1]] * (self.size - len(used))
-        stack = (
-            np.stack if all(isinstance(a, np.ndarray) for a in jax.tree.leaves(used)) else jnp.stack
-        )
-        return jax.tree.map(lambda *a: stack(a), *used), limit
+        return tuple(used + [used[-1]] * (self.size - len(used))), limit
 
     def _check(self, item, i: int) -> None:
         this = jax.tree.structure(item), [np.shape(a) for a in jax.tree.leaves(item)]

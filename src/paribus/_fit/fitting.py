@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -217,7 +218,9 @@ def _schedule(batch, batch_indices, size: int) -> tuple:
     """(schedule, the loop's data, the iterator's Stream or None, a batch like theta_0's)."""
     if batch_indices is not None:
         indices = _checks.check_indices(batch_indices, batch)
-        return "indices", (batch, indices), None, jax.tree.map(lambda a: a[indices[0]], batch)
+        # Shapes only (check_outputs reads nothing else): a gather here compiles ten kernels.
+        first = jax.eval_shape(lambda b, i: jax.tree.map(lambda a: a[i[0]], b), batch, indices)
+        return "indices", (batch, indices), None, first
     if isinstance(batch, Iterator):
         stream = Stream(batch, size)
         return "stacked", batch, stream, stream.first()
@@ -259,5 +262,5 @@ def _run_host(cfg, params, fs: FitState, fresh, data, stream, max_steps, tols, h
     result, code = finish_host(cfg, carry, chunks, k0)
     if code == CODE["composition"]:
         raise composition_error(result, cfg.info_path)
-    last = point_batch(cfg, last_data, int(result.state.step), k_chunk)
+    last = functools.partial(point_batch, cfg, last_data, int(result.state.step), k_chunk)
     return confirm(result, cfg, tols, last)
