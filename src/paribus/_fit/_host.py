@@ -20,7 +20,7 @@ from paribus._fit import _rules
 from paribus._fit._hooks import registered
 from paribus._fit._loop import Carry, batch_at, run, stopped
 from paribus._fit._opt_state import path_name
-from paribus._fit._rows import empty_rows, history, unpack
+from paribus._fit._rows import empty_rows, to_history
 from paribus._fit._static import Config
 from paribus._fit.records import CODE, CONVERGED, FitResult, StopReason
 from paribus._linearize._whiten import objective
@@ -34,9 +34,9 @@ ITERATOR_CHUNK = 32
 
 
 def host_loop(cfg, carry, fresh, data, stream, limit, tols, hook, every):
-    """Chunks until a stop; returns the final carry, the rows of every point and the batch
-    the last point was evaluated on (stacked schedules)."""
-    chunks, last_data = [], data
+    """Chunks until a stop; returns the final carry, the rows of every point, and the last
+    chunk's data with the step it started at (for :func:`point_batch`)."""
+    chunks = []
     with registered(hook) as hook_id:
         while True:
             k0 = int(carry.cur.state.step)
@@ -49,18 +49,18 @@ def host_loop(cfg, carry, fresh, data, stream, limit, tols, hook, every):
             if hook is not None and hook.error is not None:
                 raise hook.error
             chunks.append(np.asarray(jax.device_get(rows))[:n])
-            fresh, last_data = False, (data, k0)
             if code != _rules.RUNNING:
-                return carry, chunks, last_data
+                return carry, chunks, (data, k0)
+            fresh = False
 
 
 def finish_traced(cfg, carry: Carry, rows, k0) -> FitResult:
     end = stopped(carry, jnp)
     steps = end.state.step - k0
     dtype = _tree.param_dtype(end.params)
-    hist = history(unpack(rows, dtype, cfg.hooks, jnp), steps, jnp)
+    hist = to_history(rows, dtype, cfg.hooks, jnp)
     past = jnp.arange(cfg.rows) > steps
-    blank = unpack(empty_rows(cfg.rows, dtype), dtype, cfg.hooks, jnp)
+    blank = to_history(empty_rows(cfg.rows, dtype), dtype, cfg.hooks, jnp)
     hist = jax.tree.map(lambda a, b: jnp.where(past, b, a), hist, blank)
     reason = StopReason(carry.code)
     return FitResult(end.params, hist, steps, reason, end.state, reason.converged)
@@ -71,7 +71,7 @@ def finish_host(cfg, carry: Carry, chunks, k0: int) -> tuple[FitResult, int]:
     steps = int(end.state.step) - k0
     rows = np.concatenate(chunks)[: steps + 1]
     dtype = _tree.param_dtype(end.params)
-    hist = history(unpack(rows, dtype, cfg.hooks, np), steps, np)
+    hist = to_history(rows, dtype, cfg.hooks, np)
     code = int(carry.code)
     reason = StopReason(np.int32(code))
     return FitResult(end.params, hist, steps, reason, end.state, bool(reason.converged)), code

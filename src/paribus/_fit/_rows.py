@@ -43,33 +43,25 @@ def record(rows: jax.Array, j, step: Step, seconds) -> jax.Array:
     return jax.lax.dynamic_update_slice(rows, row[None], (j, jnp.zeros_like(j)))
 
 
-def unpack(rows, dtype, hooks: bool, xp) -> History:
-    """Rows -> History of point rows (the step fields not yet moved to their step)."""
+def to_history(rows, dtype, hooks: bool, xp) -> History:
+    """Rows -> History (numpy on the host, ``jnp`` in a trace).
+
+    Row k holds the diagnostics of the step *from* theta_k; History entry k those of the step
+    *into* theta_k, so the step fields move one entry later (entry 0: NaN, False, -1).
+    """
     col = [rows[:, i] for i in range(len(History._fields))]
-    form = xp.where(xp.isnan(col[6]), -1, col[6]).astype(np.int32)
-    return History(
-        *(c.astype(dtype) for c in col[:4]),
-        col[4] == 1,
-        col[5].astype(dtype),
-        form,
-        col[7] if hooks else None,
-    )
-
-
-def history(rows: History, steps, xp) -> History:
-    """Point rows -> History: step diagnostics move one entry later (entry k: step k)."""
 
     def shift(a, fill):
         return xp.concatenate([xp.full((1,), fill, a.dtype), a[:-1]])
 
-    nan = np.nan
+    form = xp.where(xp.isnan(col[6]), -1, col[6]).astype(np.int32)
     return History(
-        loss=rows.loss,
-        grad_norm=rows.grad_norm,
-        damping=shift(rows.damping, nan),
-        gain_ratio=shift(rows.gain_ratio, nan),
-        accepted=shift(rows.accepted, False),
-        step_norm=shift(rows.step_norm, nan),
-        solve_form=shift(rows.solve_form, -1),
-        time=rows.time,
+        loss=col[0].astype(dtype),
+        grad_norm=col[1].astype(dtype),
+        damping=shift(col[2].astype(dtype), np.nan),
+        gain_ratio=shift(col[3].astype(dtype), np.nan),
+        accepted=shift(col[4] == 1, False),
+        step_norm=shift(col[5].astype(dtype), np.nan),
+        solve_form=shift(form, -1),
+        time=col[7] if hooks else None,
     )
