@@ -194,3 +194,102 @@ def test_fit_keeps_nan_in_the_data_honest():
     result = fit(batch=(FIT_XS, ys), max_steps=5)
     assert result.stop_reason == "non_finite" and result.steps == 0 and not result.converged
     jax.tree.map(np.testing.assert_array_equal, result.params, FIT_PARAMS)
+
+
+# --- solvers -----------------------------------------------------------------------------------
+
+SOLVER_XS = jnp.linspace(-1, 1, 20)[:, None]
+SOLVER_BATCH = (SOLVER_XS, jnp.sin(3 * SOLVER_XS))
+
+
+def plain_residuals(params, batch):
+    """A plain whole-batch residual function (not marked per example)."""
+    return jax.vmap(FIT_APPLY, (None, 0))(params, batch[0]) - batch[1]
+
+
+def cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype), tree)
+
+
+# (params dtype, data dtype, optimiser): each must run, its steps in the parameters' dtype, and
+# decrease the loss. Before: a while_loop carry TypeError (dual with float32 params and float64
+# data; every form with float16 params) or LAPACK's "Unsupported dtype float16".
+F16, BF16, F32, F64 = jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64
+MIXED_DTYPES = {
+    "f32 params, f64 data, LM auto": (F32, F64, pb.levenberg_marquardt()),
+    "f32 params, f64 data, LM dual": (F32, F64, pb.levenberg_marquardt(solve="dual")),
+    "f32 params, f64 data, LM cg": (F32, F64, pb.levenberg_marquardt(solve="cg")),
+    "f16 params, f32 data, LM auto": (F16, F32, pb.levenberg_marquardt()),
+    "f16 params, f32 data, LM dual": (F16, F32, pb.levenberg_marquardt(solve="dual")),
+    "f16, LM auto": (F16, F16, pb.levenberg_marquardt()),
+    "f16, LM qr": (F16, F16, pb.levenberg_marquardt(solve="qr")),
+    "bf16, LM auto": (BF16, BF16, pb.levenberg_marquardt()),
+    "bf16, LM qr": (BF16, BF16, pb.levenberg_marquardt(solve="qr")),
+}
+
+
+@pytest.mark.parametrize("case", MIXED_DTYPES)
+def test_solvers_compute_in_a_supported_dtype(case):
+    params_dtype, data_dtype, opt = MIXED_DTYPES[case]
+    params, batch = cast(FIT_PARAMS, params_dtype), cast(SOLVER_BATCH, data_dtype)
+    # diverge_factor: pb.fit's default (1e12) does not fit in float16.
+    result = pb.fit(plain_residuals, params, opt, batch, max_steps=8, diverge_factor=np.inf)
+    assert all(leaf.dtype == params_dtype for leaf in jax.tree.leaves(result.params))
+    loss = np.asarray(result.history.loss, np.float64)
+    assert np.all(np.isfinite(loss)) and loss[-1] < 0.5 * loss[0], loss
+    assert bool(np.any(result.history.accepted))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("solve", ["auto", "primal", "qr", "dual", "cg"])
+def test_gauss_newton_in_half_precision_solves_in_float32(dtype, solve):
+    """Linear least squares in float16 / bfloat16: one GN step lands on the solution to the
+    dtype's rounding (the solve runs in float32 and is rounded back)."""
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(12, 3)), dtype)
+    x = jnp.asarray([0.5, -1.0, 2.0], dtype)
+    y = a @ x
+    opt = pb.gauss_newton(solve=solve)
+    params = jnp.zeros(3, dtype)
+    step, state = opt.update(None, opt.init(params), params,
+                             residual_fn=lambda p, b: b[0] @ p - b[1], batch=(a, y))  # fmt: skip
+    assert step.dtype == dtype and bool(state.step_info.accepted)
+    np.testing.assert_allclose(np.asarray(step, np.float64), np.asarray(x, np.float64),
+                               rtol=0, atol=8 * float(jnp.finfo(dtype).eps) * 2)  # fmt: skip
+
+
+def _other_state():
+    init, _ = pb.nets.mlp([1, 5, 1])
+    return pb.levenberg_marquardt().init(init(jax.random.key(1)))
+
+
+SOLVER_STATE_ERRORS = {
+    # name: (optimiser, state, exception, message)
+    "LM given an Adam state": (
+        pb.levenberg_marquardt(), optax.adam(1e-3).init(FIT_PARAMS), TypeError,
+        "expected the LevenbergMarquardtState",
+    ),
+    "LM given another network's state": (
+        pb.levenberg_marquardt(), _other_state(), ValueError,
+        "the state was built for 16 parameters; these params have 13",
+    ),
+    "LM given a float32 state for float64 params": (
+        pb.levenberg_marquardt(), pb.levenberg_marquardt().init(cast(FIT_PARAMS, jnp.float32)),
+        ValueError, "holds float32 numbers but these params compute in float64",
+    ),
+    "GN given an LM state": (
+        pb.gauss_newton(), pb.levenberg_marquardt().init(FIT_PARAMS), TypeError,
+        "expected the GaussNewtonState",
+    ),
+    "GN given an Adam state": (
+        pb.gauss_newton(), optax.adam(1e-3).init(FIT_PARAMS), TypeError,
+        "expected the GaussNewtonState",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SOLVER_STATE_ERRORS)
+def test_solver_update_refuses_a_state_not_its_own(case):
+    opt, state, exception, pattern = SOLVER_STATE_ERRORS[case]
+    with pytest.raises(exception, match=pattern):
+        opt.update(None, state, FIT_PARAMS, residual_fn=FIT_RESIDUALS, batch=FIT_BATCH)

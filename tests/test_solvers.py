@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import paribus as pb
-from paribus.solvers import _damping, _linear, _model
+from paribus.solvers import _cg, _damping, _dual, _forms, _linear, _model
 
 FORMS = pb.solvers.FORMS
 
@@ -102,9 +102,9 @@ def raw_step(solve, params, residual_fn, batch, lam, d=None, min_norm=False, cg_
 
     def go(params):
         model = _model.build(residual_fn, params, batch, where="test")
-        options = _linear.CGOptions(cg_steps, 1e-14)
+        options = _cg.CGOptions(cg_steps, 1e-14)
         dd = None if d is None else jnp.asarray(d)
-        return _linear.solve(solve, model, lam, dd, min_norm=min_norm, cg_options=options)
+        return _forms.solve(solve, model, lam, dd, min_norm=min_norm, cg_options=options)[:3]
 
     return [np.asarray(a) for a in jax.jit(go)(params)]
 
@@ -144,12 +144,12 @@ def test_refined_dual_equals_qr_and_its_own_j_delta():
     and its J delta is J times its delta (the predicted decrease is the step's own)."""
     params, residual_fn, batch = mlp_problem(6, (2, 12, 1), seed=5)
     jac, _, _ = dense_jacobian(residual_fn, params, batch)
-    forced = _linear.DualOptions(max_steps=50, tol=1e-13, switch=np.inf)
+    forced = _dual.DualOptions(max_steps=50, tol=1e-13, switch=np.inf)
 
     def refined(lam):
         def go(params):
             model = _model.build(residual_fn, params, batch, where="test")
-            return _linear.dual(model, lam, None, False, forced)
+            return _dual.dual(model, lam, None, False, forced)[:3]
 
         return [np.asarray(a) for a in jax.jit(go)(params)]
 
@@ -166,12 +166,12 @@ def test_dual_step_vmaps_with_lanes_on_both_sides_of_the_switch():
     params, residual_fn, batch = mlp_problem(6, (2, 12, 1), seed=6)
     stacked = jax.tree.map(lambda a: jnp.stack([a, 1.1 * a]), params)
     lams = jnp.array([1e-6, 1.0])  # switch * floor is ~1e-4: lane 0 refines, lane 1 does not
-    options = _linear.DualOptions(max_steps=60, tol=1e-13, switch=1e10)
+    options = _dual.DualOptions(max_steps=60, tol=1e-13, switch=1e10)
 
     def step(params, lam):
         model = _model.build(residual_fn, params, batch, where="test")
         floor = _linear.rounding_floor(model.ntk())
-        return _linear.dual(model, lam, None, False, options)[0], lam >= options.switch * floor
+        return _dual.dual(model, lam, None, False, options)[0], lam >= options.switch * floor
 
     deltas, direct = jax.jit(jax.vmap(step))(stacked, lams)
     assert not bool(direct[0]) and bool(direct[1])
@@ -194,13 +194,13 @@ def test_float32_dual_step_resolves_kernel_directions_below_its_rounding():
 
     def step(params, batch, options):
         model = _model.build(residual_fn, params, batch, where="test")
-        return _linear.dual(model, 1e-4, None, False, options)[0]
+        return _dual.dual(model, 1e-4, None, False, options)[0]
 
     step = jax.jit(step, static_argnums=2)
-    ref = np.asarray(step(params, batch, _linear.DualOptions(max_steps=0)))
+    ref = np.asarray(step(params, batch, _dual.DualOptions(max_steps=0)))
     err = {}
-    for name, options in (("bare", _linear.DualOptions(max_steps=0)), ("refined", None)):
-        got = step(to32(params), to32(batch), options or _linear.DualOptions())
+    for name, options in (("bare", _dual.DualOptions(max_steps=0)), ("refined", None)):
+        got = step(to32(params), to32(batch), options or _dual.DualOptions())
         assert got.dtype == jnp.float32
         err[name] = np.linalg.norm(np.asarray(got, np.float64) - ref) / np.linalg.norm(ref)
     assert err["bare"] > 1e-2 and err["refined"] < 1e-3, err
@@ -265,6 +265,171 @@ def test_cg_approaches_primal_as_iterations_grow():
     assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:], strict=False)), errors
     assert errors[0] > 1e-2 * np.sqrt(primal @ a @ primal)
     assert errors[-1] < 1e-8 * np.sqrt(primal @ a @ primal)
+
+
+# --- repairs, the gradient of a saturated loss, the minimum-norm promise in float32 --------------
+
+
+def to32(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+
+
+def repair_of(state):
+    return pb.solvers.REPAIRS[int(state.step_info.repair)]
+
+
+def test_primal_repairs_a_damping_below_its_rounding_floor_with_qr():
+    """float32, lam far below eps ||J^T J||: the Cholesky step is noise (or NaN), so the trial
+    is solved by QR of [J; sqrt(lam) I] in the same update and says so: a trial evaluated,
+    its step the qr form's and close to the float64 step. At a lam well above the floor,
+    Cholesky."""
+    params, residual_fn, batch = mlp_problem(40, (1, 6, 1), seed=7)
+    for lam, repair in ((1e-7, "qr"), (1.0, "none")):
+        opt = pb.levenberg_marquardt(init_damping=lam, init_damping_relative=False)
+        step, state = one_step(opt, to32(params), residual_fn, to32(batch))
+        assert repair_of(state) == repair and np.isfinite(state.step_info.trial_loss), lam
+        taken = flat(step) if bool(state.step_info.accepted) else None
+        qr = raw_step("qr", to32(params), residual_fn, to32(batch), lam)[0]
+        ref = raw_step("qr", params, residual_fn, batch, lam)[0]
+        delta = raw_step("primal", to32(params), residual_fn, to32(batch), lam)[0]
+        np.testing.assert_allclose(delta, qr, rtol=0, atol=1e-4 * np.abs(qr).max())
+        np.testing.assert_allclose(delta, ref, rtol=0, atol=1e-2 * np.abs(ref).max())
+        if taken is not None:
+            np.testing.assert_array_equal(taken, delta)
+
+
+def test_float32_fit_never_rejects_a_trial_for_a_failed_factorisation():
+    """Issue 11: 1-20-1 tanh, 2,000 points, float32, full batch and minibatches of 1,000. The
+    Cholesky of J^T J + lam I failed on a third of the trials (gain ratio -inf, lam pinned near
+    1e-4, MSE 1.1e-10 after 200 trials); repaired, no trial fails and the fit gets as far as
+    solve="qr" does."""
+    n = 2000
+    xs = jnp.linspace(-1, 1, n, dtype=jnp.float32)[:, None]
+    batch = (xs, jnp.exp(-(xs**2)))
+    init, apply = pb.nets.mlp([1, 20, 1], "tanh")
+    residual_fn = pb.regression_residuals(apply)
+    params = to32(init(jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    minibatches = np.stack([rng.permutation(n)[:1000] for _ in range(100)])
+
+    def mse(solve, **kwargs):
+        opt = pb.levenberg_marquardt(solve=solve)
+        result = pb.fit(residual_fn, params, opt, batch, max_steps=100, **kwargs)
+        assert not np.any(np.isneginf(result.history.gain_ratio)), solve
+        return 2 * float(pb.loss(residual_fn, result.params, batch)) / n
+
+    for kwargs in ({}, {"batch_indices": minibatches}):
+        auto, qr = mse("auto", **kwargs), mse("qr", **kwargs)
+        assert auto < 1e-9 and auto < 3 * qr, (auto, qr, kwargs)
+
+
+def ill_conditioned_least_squares(cond, m=50, n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.normal(size=(m, n)))
+    v, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    a = (u * np.logspace(0, -np.log10(cond), n)) @ v.T
+    x = rng.normal(size=n)
+    return a, x, a @ x
+
+
+@pytest.mark.parametrize("solve", ["auto", "primal", "qr", "cg"])
+def test_float32_gauss_newton_does_not_square_the_condition_number(solve):
+    """Issue 12: float32 linear least squares with cond(A) = 1e4 (cond(A^T A) = 1e8 > 1/eps).
+    The pseudo-inverse of A^T A ended at relative error 0.49; primal now sees that its normal
+    matrix cannot resolve the spectrum and solves from A by SVD (QR-level accuracy)."""
+    a, x, y = ill_conditioned_least_squares(1e4)
+    residual_fn = lambda p, b: b[0] @ p - b[1]  # noqa: E731
+    batch = (jnp.asarray(a, jnp.float32), jnp.asarray(y, jnp.float32))
+    result = pb.fit(residual_fn, jnp.zeros(8, jnp.float32), pb.gauss_newton(solve=solve), batch,
+                    max_steps=10)  # fmt: skip
+    err = np.linalg.norm(np.asarray(result.params, np.float64) - x) / np.linalg.norm(x)
+    assert err < 1e-4, err
+    if solve in ("auto", "primal"):
+        assert repair_of(result.state.opt_state) == "svd"
+
+
+@pytest.mark.parametrize("case", ["N<P", "duplicated examples"])
+def test_float32_gauss_newton_cg_keeps_the_minimum_norm_promise(case):
+    """Issue 12: CG on the normal equations in float32 took a step 381 (N < P) and 9e7
+    (duplicated examples) times the minimum-norm one. CGLS stays in the row space of J."""
+    if case == "N<P":
+        xs, sizes = jnp.linspace(-1, 1, 10)[:, None], [1, 32, 1]
+    else:
+        xs, sizes = jnp.tile(jnp.linspace(-1, 1, 5)[:, None], (8, 1)), [1, 4, 1]
+    init, apply = pb.nets.mlp(sizes, "tanh")
+    residual_fn = pb.regression_residuals(apply)
+    params, batch = init(jax.random.key(0)), (xs, jnp.sin(3 * xs))
+    step, _ = one_step(pb.gauss_newton(solve="cg"), to32(params), residual_fn, to32(batch))
+    jac, r, _ = dense_jacobian(residual_fn, params, batch)
+    min_norm = -np.linalg.pinv(jac) @ r
+    got = flat(step).astype(np.float64)
+    assert np.linalg.norm(got) <= 1.01 * np.linalg.norm(min_norm)
+    assert np.linalg.norm(got - min_norm) <= 1e-2 * np.linalg.norm(min_norm)
+
+
+def test_dual_kernel_cholesky_failure_is_shifted_and_refined():
+    """A kernel that is not positive definite even at its rounding floor (here: corrupted on
+    purpose) is factorised at a larger shift and the step refined with the exact products:
+    the LM step all the same, repair "shifted"."""
+    params, residual_fn, batch = mlp_problem(6, (2, 12, 1), seed=5)
+    options = _dual.DualOptions(max_steps=60, tol=1e-13)
+
+    def go(params):
+        model = _model.build(residual_fn, params, batch, where="test")
+        kernel = model.ntk() - 0.5 * jnp.eye(6)  # indefinite
+        w, u, repair = _dual._damped(kernel, 1e-3, model.r, model.jvp, model.vjp, options)
+        return -w, repair
+
+    delta, repair = jax.jit(go)(params)
+    assert pb.solvers.REPAIRS[int(repair)] == "shifted"
+    ref = raw_step("qr", params, residual_fn, batch, 1e-3)[0]
+    np.testing.assert_allclose(delta, ref, rtol=0, atol=1e-8 * np.abs(ref).max())
+
+
+def saturated_classifier(scale=100.0, n=40, seed=0):
+    """Softmax cross-entropy at logits ~ 1e2: several examples wrong with p_true < eps^2."""
+    rng = np.random.default_rng(seed)
+    xs = jnp.asarray(rng.normal(size=(n, 2)))
+    labels = jnp.asarray((xs[:, 0] > 0).astype(int) + (xs[:, 1] > 1).astype(int))
+    init, apply = pb.nets.mlp([2, 6, 3], "tanh")
+    params = jax.tree.map(lambda a: scale * a, init(jax.random.key(seed)))
+    loss = pb.losses.softmax_cross_entropy()
+    return params, pb.losses.network_outputs(apply, loss), (xs, labels), loss
+
+
+def test_model_gradient_is_the_true_gradient_where_the_whitening_floors():
+    """g = J^T r + e equals jax.grad of the loss (the slow twin), and every form solves
+    (G + lam I) delta = -g with G the dense GGN, where J^T r alone (r floored at 1/eps) was at
+    cosine ~1e-5 to it."""
+    params, residual_fn, batch, loss = saturated_classifier()
+    model = _model.build(residual_fn, params, batch, where="test")
+    want = flat(jax.grad(lambda p: pb.loss(residual_fn, p, batch))(params))
+    got = np.asarray(model.r @ model.linearization.dense() + model.e)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+    jac = np.asarray(model.linearization.dense())
+    lams = (1e-2,)
+
+    def steps(params):
+        model = _model.build(residual_fn, params, batch, where="test")
+        options = _cg.CGOptions(400, 1e-15)
+        return [[_forms.solve(f, model, lam, None, min_norm=False, cg_options=options).delta
+                 for f in FORMS] for lam in lams]  # fmt: skip
+
+    for lam, deltas in zip(lams, jax.jit(steps)(params), strict=True):
+        expected = -np.linalg.solve(jac.T @ jac + lam * np.eye(jac.shape[1]), want)
+        for form, delta in zip(FORMS, deltas, strict=True):
+            np.testing.assert_allclose(delta, expected, rtol=0, atol=1e-6 * np.abs(expected).max(),
+                                       err_msg=f"{form} lam={lam}")  # fmt: skip
+
+
+def test_levenberg_marquardt_trains_out_of_saturated_logits():
+    """Issue 12: LM stopped at loss 2,457 with ||g|| = 1,341 (Adam from the same start: 0.028),
+    its model gradient blind to the examples wrong with extreme confidence. With the true
+    gradient in the model it takes the loss down by orders of magnitude."""
+    params, residual_fn, batch, loss = saturated_classifier()
+    result = pb.fit(residual_fn, params, pb.levenberg_marquardt(loss=loss), batch, max_steps=150)
+    start = result.history.loss[0]
+    assert start > 1e3 and result.history.loss[-1] < 1e-3 * start, result.history.loss[-1]
 
 
 # --- Levenberg-Marquardt: the update ------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from zoo import PROBLEMS
 
 import paribus as pb
-from paribus.solvers import _linear, _model
+from paribus.solvers import _cg, _forms, _model
 
 BY_NAME = {p.name: p for p in PROBLEMS}
 
@@ -68,9 +68,9 @@ def test_solve_forms_agree_on_the_first_step(problem):
     def steps(x):
         model = _model.build(residual_fn_of(problem), x, None, where="test")
         lam = 1e-3 * jnp.max(model.jtj_diag())
-        options = _linear.CGOptions(max_steps=4 * x.size, tol=1e-14)
+        options = _cg.CGOptions(max_steps=4 * x.size, tol=1e-14)
         return [
-            _linear.solve(form, model, lam, None, min_norm=False, cg_options=options)[0]
+            _forms.solve(form, model, lam, None, min_norm=False, cg_options=options)[0]
             for form in pb.solvers.FORMS
         ]
 

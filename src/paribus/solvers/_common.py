@@ -5,7 +5,8 @@ Both states carry a :class:`paribus.solvers._info.StepInfo`, the one protocol ``
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from paribus import _tree
-from paribus.solvers import _linear, _model
+from paribus.solvers import _cg, _cost, _model
 
 PyTree = Any
 DEFAULT_MEMORY_BUDGET = None
@@ -38,43 +39,87 @@ def check_loss(loss: Any, *, where: str) -> None:
         )
 
 
-def check_cg(cg_max_steps: int, cg_tol: float, *, where: str) -> _linear.CGOptions:
+def check_cg(cg_max_steps: int, cg_tol: float, *, where: str) -> _cg.CGOptions:
     if int(cg_max_steps) < 1 or not float(cg_tol) >= 0:
         raise ValueError(
             f"{where}: need cg_max_steps >= 1 and cg_tol >= 0; got {cg_max_steps}, {cg_tol}."
         )
-    return _linear.CGOptions(int(cg_max_steps), float(cg_tol))
+    return _cg.CGOptions(int(cg_max_steps), float(cg_tol))
 
 
 def check_params(params: PyTree, *, where: str) -> None:
     _tree.check_float_params(params, where=where)
 
 
-def setup(residual_fn, params, batch, loss, solve, budget, *, where: str):
-    """(model, form, flat, unravel): the model at params and the solve form for its sizes."""
+class Setup(NamedTuple):
+    """What ``update`` works with: the model at params (in the working dtype), its form, the
+    flat parameters, ``unravel`` (flat work-dtype vector -> update pytree in the parameters'
+    own dtypes) and ``lift`` (parameters -> the working dtype the model was built in)."""
+
+    model: _model.Model
+    form: str
+    flat: jax.Array
+    unravel: Callable[[jax.Array], PyTree]
+    lift: Callable[[PyTree], PyTree]
+
+
+def lift_fn(params: PyTree) -> Callable[[PyTree], PyTree]:
+    """Parameters -> the working dtype: float16 and bfloat16 leaves to float32, since LAPACK has
+    no factorisations in them (the step is then computed in float32 and rounded back)."""
+    low = [jnp.finfo(leaf.dtype).bits < 32 for leaf in jax.tree.leaves(params)]
+    if not any(low):
+        return lambda tree: tree
+
+    def lift(tree: PyTree) -> PyTree:
+        leaves, treedef = jax.tree.flatten(tree)
+        up = [x.astype(_model.work_dtype(x.dtype)) if lo else x
+              for x, lo in zip(leaves, low, strict=True)]  # fmt: skip
+        return jax.tree.unflatten(treedef, up)
+
+    return lift
+
+
+def setup(residual_fn, params, batch, loss, solve, budget, *, where: str) -> Setup:
+    """The model at params and the solve form for its sizes (see :class:`Setup`)."""
     if budget is None:
         from paribus import memory
 
         budget = memory.default_budget()
     require_extras(residual_fn, where=where)
     check_params(params, where=where)
-    flat, unravel = ravel_pytree(params)
-    model = _model.build(residual_fn, params, batch, loss, where=where)
-    itemsize = np.dtype(flat.dtype).itemsize
-    form = _linear.choose(solve, int(model.r.shape[0]), flat.size, itemsize, budget)
-    return model, form, flat, unravel
+    flat, unravel_own = ravel_pytree(params)
+    lift = lift_fn(params)
+    model = _model.build(residual_fn, lift(params), batch, loss, where=where)
+    work = model.r.dtype
+
+    def unravel(v: jax.Array) -> PyTree:
+        return unravel_own(v.astype(flat.dtype))
+
+    itemsize = np.dtype(work).itemsize
+    form = _cost.choose(solve, int(model.r.shape[0]), flat.size, itemsize, budget)
+    return Setup(model, form, flat.astype(work), unravel, lift)
 
 
-def true_grad_norm(model, gnorm: jax.Array) -> jax.Array:
-    """||grad L||: the solve's ||J'^T rw||, except with an OutputLoss, whose whitening floors
-    vanishing curvatures (saturated logits) so that J'^T rw can be far smaller than the true
-    gradient: there one more VJP of the loss's own derivative (``Linearization.grad``)."""
-    from paribus._linearize._whiten import kind
-
-    lin = model.linearization
-    if kind(lin.loss) != "output":
-        return gnorm
-    return jnp.linalg.norm(lin.grad_flat()).astype(gnorm.dtype)
+def check_state(state, expected: type, *, n_params: int, dtype, where: str) -> None:
+    """Trace-time: ``state`` is this optimiser's, built for parameters like these."""
+    if not isinstance(state, expected):
+        raise TypeError(
+            f"{where}.update: expected the {expected.__name__} that this optimiser's init "
+            f"returns; got {type(state).__name__}. A state belongs to the optimiser that built "
+            "it: call opt.init(params) with this optimiser."
+        )
+    scale = getattr(state, "scale", None)
+    if scale is not None and scale.shape != (n_params,):
+        raise ValueError(
+            f"{where}.update: the state was built for {scale.shape[0]} parameters; these params "
+            f"have {n_params}. Call opt.init(params) for these parameters."
+        )
+    held = state.step_info.loss.dtype
+    if held != dtype:
+        raise ValueError(
+            f"{where}.update: the state holds {held} numbers but these params compute in "
+            f"{dtype}. Call opt.init(params) for these parameters."
+        )
 
 
 def finite(x: jax.Array) -> jax.Array:

@@ -20,9 +20,20 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-REPAIRS = ("none", "refined", "qr", "float64", "pinv")
+REPAIRS = ("none", "refined", "qr", "svd", "shifted")
 """How a solve was repaired when its first factorisation failed or was not to be trusted;
-``StepInfo.repair`` indexes this tuple."""
+``StepInfo.repair`` indexes this tuple (``paribus.solvers._linear`` says when each happens):
+
+- "none": the form's own factorisation (or none: "qr", "cg");
+- "refined": a "dual" step refined by preconditioned CG with backward-stable J products (lam
+  near the rounding floor of J J^T; Gauss-Newton: a kernel too ill-conditioned for the dtype);
+- "qr": a "primal" LM step taken from a QR of [J; sqrt(lam D)] (Cholesky failed, or lam D below
+  the rounding floor of J^T J);
+- "svd": a "primal" Gauss-Newton step taken from an SVD least-squares solve of J (J^T J too
+  ill-conditioned for the dtype);
+- "shifted": the "dual" kernel's Cholesky failed even at the rounding floor; it was factorised
+  at a larger shift and the step refined.
+"""
 
 
 class StepInfo(NamedTuple):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from paribus.solvers import _common, _linear
+from paribus.solvers import _common, _forms, _linear, _model
 from paribus.solvers._info import StepInfo, empty_step_info, step_info
 
 PyTree = Any
@@ -70,30 +70,30 @@ def gauss_newton(
 
     def init_fn(params: PyTree) -> GaussNewtonState:
         _common.check_params(params, where=where)
-        dt = ravel_pytree(params)[0].dtype
+        dt = _model.work_dtype(ravel_pytree(params)[0].dtype)
         return GaussNewtonState(jnp.zeros((), jnp.int32), empty_step_info(dt))
 
     def update_fn(updates, state, params=None, *, residual_fn=None, batch=None, **extra):
         del updates, extra
-        model, form, flat, unravel = _common.setup(
-            residual_fn, params, batch, loss, solve, memory_budget, where=where
-        )
-        zero = jnp.zeros((), flat.dtype)
-        delta, _, gnorm = _linear.solve(
-            form, model, zero, None, min_norm=True, cg_options=cg_options
-        )
-        gnorm = _common.true_grad_norm(model, gnorm)
-        ok = _common.finite(delta)
-        delta = jnp.where(ok, delta, 0)
+        work = _common.setup(residual_fn, params, batch, loss, solve, memory_budget, where=where)
+        model, form = work.model, work.form
+        dt = model.r.dtype
+        _common.check_state(state, GaussNewtonState, n_params=work.flat.size, dtype=dt,
+                            where=where)  # fmt: skip
+        zero = jnp.zeros((), dt)
+        sol = _forms.solve(form, model, zero, None, min_norm=True, cg_options=cg_options)
+        ok = _common.finite(sol.delta)
+        delta = jnp.where(ok, sol.delta, 0)
         info = step_info(
-            loss=model.value.astype(flat.dtype),
-            grad_norm=gnorm,
+            loss=model.value.astype(dt),
+            grad_norm=sol.gnorm,
             damping=zero,
             accepted=ok,
             step_norm=jnp.linalg.norm(delta),
             form=_linear.CODES[form],
+            repair=sol.repair,
         )
         new_state = GaussNewtonState(count=state.count + 1, step_info=info)
-        return unravel(delta), new_state
+        return work.unravel(delta), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from paribus.solvers import _common, _damping, _linear
+from paribus.solvers import _common, _damping, _forms, _linear, _model
 from paribus.solvers._info import StepInfo, empty_step_info, step_info
 
 PyTree = Any
@@ -43,15 +43,20 @@ test would stop at the first such step, with theta accurate to about sqrt(eps));
 that does not shrink is noise, and LM reports ``at_noise_floor``."""
 
 
-def gain_ratio(actual, jd, r, ok) -> jax.Array:
+def predicted_decrease(jd, r, extra=0.0) -> jax.Array:
+    """m(0) - m(delta) = -(J delta).(r + J delta / 2) - e.delta, with ``extra`` = e.delta (the
+    linear term r does not carry; 0 for 1/2 ||r||^2). The factored form avoids the cancellation
+    between two nearly equal norms, and is exact for an inexact (cg) solve too."""
+    return -jnp.vdot(jd, r + 0.5 * jd) - extra
+
+
+def gain_ratio(actual, jd, r, ok, extra=0.0) -> jax.Array:
     """rho = (L - L_trial) / (m(0) - m(delta)), -inf for a non-finite trial or no predicted gain.
 
-    ``actual`` is L - L_trial (computed without cancellation by the linearisation). The
-    predicted decrease 1/2 ||r||^2 - 1/2 ||r + J delta||^2 = -(J delta).(r + J delta / 2) is
-    computed in that factored form: no cancellation between two nearly equal norms, and exact
-    for an inexact (cg) solve too.
+    ``actual`` is L - L_trial (computed without cancellation by the linearisation); the
+    predicted decrease is :func:`predicted_decrease` (``extra``: e.delta, see there).
     """
-    predicted = -jnp.vdot(jd, r + 0.5 * jd)
+    predicted = predicted_decrease(jd, r, extra)
     good = ok & jnp.isfinite(actual) & (predicted > 0)
     return jnp.where(good, actual / jnp.where(good, predicted, 1), -jnp.inf)
 
@@ -169,7 +174,7 @@ def levenberg_marquardt(
     cg_options = cg_options._replace(jacobi=cg_preconditioner == "jacobi")
     if int(dual_refine_steps) < 0:
         raise ValueError(f"{where}: dual_refine_steps must be >= 0; got {dual_refine_steps}.")
-    dual_options = _linear.DualOptions(max_steps=int(dual_refine_steps))
+    dual_options = _forms.DualOptions(max_steps=int(dual_refine_steps))
     lam0 = rule.init_damping if init_damping is None else float(init_damping)
     relative = rule.relative if init_damping_relative is None else bool(init_damping_relative)
     if not lam0 > 0:
@@ -178,75 +183,79 @@ def levenberg_marquardt(
     def init_fn(params: PyTree) -> LevenbergMarquardtState:
         _common.check_params(params, where=where)
         flat, _ = ravel_pytree(params)
-        dt = flat.dtype
-        radius = 100 * jnp.linalg.norm(flat)
+        dt = _model.work_dtype(flat.dtype)
+        radius = 100 * jnp.linalg.norm(flat.astype(dt))
         return LevenbergMarquardtState(
             count=jnp.zeros((), jnp.int32),
             damping=jnp.asarray(lam0, dt),
             nu=jnp.asarray(2, dt),
             radius=jnp.where(radius > 0, radius, 100).astype(dt),
-            scale=jnp.zeros_like(flat),
+            scale=jnp.zeros(flat.shape, dt),
             tie_step=jnp.zeros((), dt),
             step_info=empty_step_info(dt),
         )
 
     def update_fn(updates, state, params=None, *, residual_fn=None, batch=None, **extra):
         del updates, extra
-        model, form, flat, unravel = _common.setup(
-            residual_fn, params, batch, loss, solve, memory_budget, where=where
-        )
+        work = _common.setup(residual_fn, params, batch, loss, solve, memory_budget, where=where)
+        model, form = work.model, work.form
+        dt = model.r.dtype
+        _common.check_state(state, LevenbergMarquardtState, n_params=work.flat.size, dtype=dt,
+                            where=where)  # fmt: skip
         d, running = _scaling(state, model, scaling, scaling_floor)
         lam = _first_damping(state, model, d, lam0) if relative else state.damping
         lam = jnp.clip(lam, lo, hi)
-        delta, jd, gnorm = _linear.solve(
+        sol = _forms.solve(
             form, model, lam, d, min_norm=False, cg_options=cg_options, dual_options=dual_options
         )
-        gnorm = _common.true_grad_norm(model, gnorm)
-        ok = _common.finite(delta) & _common.finite(jd)
-        delta, jd = jnp.where(ok, delta, 0), jnp.where(ok, jd, 0)
+        ok = _common.finite(sol.delta) & _common.finite(sol.jd)
+        delta, jd = jnp.where(ok, sol.delta, 0), jnp.where(ok, sol.jd, 0)
         # Leaf by leaf, not unravel(flat + delta): on the CPU the latter made XLA rebuild every
         # weight matrix inside the trial's matmuls (143 against 95 ms for solve + trial at
-        # 16-1024-1024-1, N = 1024).
-        trial = jax.tree.map(jnp.add, params, unravel(delta))
+        # 16-1024-1024-1, N = 1024). The trial is the point the update will reach, in the
+        # parameters' own dtype.
+        trial = jax.tree.map(jnp.add, params, work.unravel(delta))
         _common.trial_structure_check(residual_fn, params, trial, batch, where=where)
         lin = model.linearization
-        actual, trial_value = lin.decrease(residual_fn(trial, batch))
-        rho = gain_ratio(actual.astype(jd.dtype), jd, model.r, ok)
+        actual, trial_value = lin.decrease(residual_fn(work.lift(trial), batch))
+        extra_term = 0.0 if model.e is None else jnp.vdot(model.e, delta)
+        predicted = predicted_decrease(jd, model.r, extra_term)
+        rho = gain_ratio(actual.astype(dt), jd, model.r, ok, extra_term)
         # A tie: the model promises less than L's own rounding, and the measured change is
         # within it. Neither can be judged by evaluating L, so the model is trusted (it is exact
         # to second order at such small steps); rejecting would stall a few digits short of the
         # minimum (robust losses: the gradient stuck at 1e-8 against 1e-12 reachable).
-        predicted = -jnp.vdot(jd, model.r + 0.5 * jd)
-        noise = lin.noise.astype(jd.dtype)
+        noise = lin.noise.astype(dt)
         tie = ok & jnp.isfinite(actual) & (jnp.abs(predicted) <= noise) & (jnp.abs(actual) <= noise)
         accepted = (rho > rule.threshold) | tie
         snorm = jnp.linalg.norm(delta if d is None else jnp.sqrt(d) * delta)
         rho_rule = jnp.where(tie, 1.0, rho)
-        step_norm = jnp.linalg.norm(delta).astype(state.tie_step.dtype)
-        tie_step = jnp.where(tie, step_norm, 0).astype(state.tie_step.dtype)
+        step_norm = jnp.linalg.norm(delta)
+        tie_step = jnp.where(tie, step_norm, 0).astype(dt)
         new_lam, nu, radius = rule.update(lam, state.nu, state.radius, rho_rule, accepted, snorm)
         next_lam = jnp.clip(new_lam, lo, hi).astype(lam.dtype)
         info = step_info(
-            loss=model.value.astype(lam.dtype),
-            grad_norm=gnorm,
+            loss=model.value.astype(dt),
+            grad_norm=sol.gnorm,
             damping=lam,
             gain_ratio=rho,
             accepted=accepted,
-            step_norm=jnp.linalg.norm(delta),
+            step_norm=step_norm,
             trial_loss=trial_value,
             form=_linear.CODES[form],
+            repair=sol.repair,
             at_damping_limit=~accepted & (next_lam <= lam),
             at_noise_floor=tie & (state.tie_step > 0) & (step_norm > TIE_SHRINK * state.tie_step),
         )
         new_state = LevenbergMarquardtState(
             count=state.count + 1,
             damping=next_lam,
-            nu=nu,
-            radius=radius.astype(state.radius.dtype),
+            nu=nu.astype(dt),
+            radius=radius.astype(dt),
             scale=running,
             tie_step=tie_step,
             step_info=info,
         )
-        return unravel(jnp.where(accepted, delta, 0)), new_state
+        return work.unravel(jnp.where(accepted, delta, 0)), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
