@@ -56,17 +56,23 @@ INTERRUPTED = 130  # the shell's status for a run ended by SIGINT
 # --------------------------------------------------------------------------- command line
 
 
-def parser(name: str, doc: str, *, seeds: int) -> argparse.ArgumentParser:
-    """``--quick`` (seconds, for CI), ``--seeds``, ``--out`` and ``--no-progress``."""
+def parser(name: str, doc: str, *, seeds: int | None) -> argparse.ArgumentParser:
+    """``--quick`` (seconds, for CI), ``--seeds`` (None: no default), ``--out`` and
+    ``--no-progress``."""
     p = argparse.ArgumentParser(
         prog=f"experiments/{name}.py",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes, runs in seconds (CI)")
-    p.add_argument("--seeds", type=int, default=seeds, help=f"number of seeds (default {seeds})")
-    p.add_argument("--out", type=Path, default=Path("results") / name,
-                   help=f"output folder (default results/{name}/)")  # fmt: skip
+    default = f"default {seeds}" if seeds is not None else "default: each study's own"
+    p.add_argument("--seeds", type=int, default=seeds, help=f"number of seeds ({default})")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results") / name,
+        help=f"output folder (default results/{name}/)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -86,8 +92,11 @@ def out_problem(out: Path) -> str | None:
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             return "exists and is not a folder; give a folder (it is created if missing)."
-        stray = [p.name for p in out.iterdir() if p.name != MANIFEST
-                 and (p.is_dir() or p.suffix not in RESULT_SUFFIXES)]  # fmt: skip
+        stray = [
+            p.name
+            for p in out.iterdir()
+            if p.name != MANIFEST and (p.is_dir() or p.suffix not in RESULT_SUFFIXES)
+        ]
         if stray:
             return (
                 f"holds files that are not an earlier run's results ({', '.join(sorted(stray)[:3])}"
@@ -117,8 +126,11 @@ class Output:
     def __init__(self, final: Path):
         self.final = Path(final)
         self.final.absolute().parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".staging",
-                                          dir=self.final.absolute().parent))  # fmt: skip
+        self.path = Path(
+            tempfile.mkdtemp(
+                prefix=f".{self.final.name}.", suffix=".staging", dir=self.final.absolute().parent
+            )
+        )
         os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes it 0700
         self.files: list[str] = []
 
@@ -167,7 +179,7 @@ class Output:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-class _Interrupts:
+class Interrupts:
     """SIGINT raises KeyboardInterrupt as usual and is remembered: a run whose interrupt was
     swallowed (an exception inside a JAX host callback is logged, not raised) still fails."""
 
@@ -187,8 +199,17 @@ class _Interrupts:
         return False
 
 
-def main(name: str, doc: str, run: Callable, *, full: Any, quick: Any, seeds: int,
-         argv: Sequence[str] | None = None, extra: Callable | None = None) -> int:  # fmt: skip
+def main(
+    name: str,
+    doc: str,
+    run: Callable,
+    *,
+    full: Any,
+    quick: Any,
+    seeds: int,
+    argv: Sequence[str] | None = None,
+    extra: Callable | None = None,
+) -> int:
     """Parse and check the command line, run the study into a staging folder, publish it.
 
     ``extra(parser)`` adds a study's own flags. Returns the exit status (0, or 130 when
@@ -201,7 +222,7 @@ def main(name: str, doc: str, run: Callable, *, full: Any, quick: Any, seeds: in
     check_args(p, args)
     use_agg()
     t0 = time.perf_counter()
-    with _Interrupts() as interrupts:
+    with Interrupts() as interrupts:
         out = Output(args.out)
         try:
             args.started = describe_machine()
@@ -217,8 +238,7 @@ def main(name: str, doc: str, run: Callable, *, full: Any, quick: Any, seeds: in
         except BaseException:
             out.discard()
             raise
-    print(f"{name}: wrote {args.out}/ ({', '.join(out.files)}) in "
-          f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    print(f"{name}: wrote {args.out}/ ({', '.join(out.files)}) in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
@@ -289,6 +309,14 @@ def seed_median(curves: np.ndarray) -> np.ndarray:
     return np.where(finite.sum(0) * 2 >= len(curves), med, np.nan)
 
 
+def stack_padded(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Rows of different lengths as one (S, T) array, NaN past each row's end."""
+    out = np.full((len(rows), max(len(r) for r in rows)), np.nan)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
 def first_at_or_below(values: np.ndarray, target: float) -> np.ndarray:
     """The first index along the last axis with value <= target; -1 where there is none."""
     hit = np.asarray(values) <= target
@@ -329,18 +357,35 @@ class Sweep(NamedTuple):
     stops: np.ndarray
 
 
-def sweep(residual_fn, init, make_opt, grid: Sequence[float], seed_keys, batch, *,
-          max_steps: int, **fit_kwargs) -> Sweep:  # fmt: skip
+def sweep(
+    residual_fn,
+    init,
+    make_opt,
+    grid: Sequence[float],
+    seed_keys,
+    batch,
+    *,
+    max_steps: int,
+    **fit_kwargs,
+) -> Sweep:
     """``pb.fit`` from ``init(key)`` with ``make_opt(value)`` for every grid value and seed key:
     one jitted ``vmap`` for a grid (the value is traced: one compilation), or for one value the
     seeds one after another through ``pb.fit``'s own compiled loop (which the timing reuses)."""
     if len(grid) == 1:
-        return _seed_by_seed(residual_fn, init, make_opt(grid[0]), seed_keys, batch,
-                             max_steps=max_steps, **fit_kwargs)  # fmt: skip
+        return _seed_by_seed(
+            residual_fn,
+            init,
+            make_opt(grid[0]),
+            seed_keys,
+            batch,
+            max_steps=max_steps,
+            **fit_kwargs,
+        )
 
     def one(value, key):
-        r = pb.fit(residual_fn, init(key), make_opt(value), batch, max_steps=max_steps,
-                   **fit_kwargs)  # fmt: skip
+        r = pb.fit(
+            residual_fn, init(key), make_opt(value), batch, max_steps=max_steps, **fit_kwargs
+        )
         return r.history.loss, r.history.accepted, r.steps, r.stop_reason.code
 
     run = jax.jit(jax.vmap(jax.vmap(one, (None, 0)), (0, None)))
@@ -362,6 +407,24 @@ def _seed_by_seed(residual_fn, init, opt, seed_keys, batch, *, max_steps, **fit_
     return Sweep(losses, accepted, steps, stops)
 
 
+def with_rate(factory: Callable) -> tuple[Any, Callable]:
+    """(opt, state_at): an optax optimiser whose learning rate lives in its state
+    (``optax.inject_hyperparams``), and ``state_at(params, lr)``, its initial state at a rate,
+    for ``pb.fit(..., state=state_at(params, lr))``: every rate of a grid runs one compiled
+    loop (a rate in the optimiser's closure would compile one per rate)."""
+    import optax
+
+    opt = optax.inject_hyperparams(factory)(learning_rate=1.0)
+
+    def state_at(params, lr):
+        state = opt.init(params)
+        dtype = state.hyperparams["learning_rate"].dtype
+        state.hyperparams["learning_rate"] = jnp.asarray(lr, dtype)
+        return state
+
+    return opt, state_at
+
+
 class Timing(NamedTuple):
     """A compiled ``pb.fit`` run, timed: its result, seconds per step (the fixed cost of a
     call removed), seconds of the whole call, and the first call's compile time."""
@@ -379,21 +442,25 @@ def _seconds(fn) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
-def time_fit(residual_fn, params, opt, batch, *, max_steps: int, repeats: int = 3,
-             **fit_kwargs) -> Timing:  # fmt: skip
+def time_fit(
+    residual_fn, params, opt, batch, *, max_steps: int, repeats: int = 3, **fit_kwargs
+) -> Timing:
     """Time ``pb.fit`` the one way the studies do: a warm-up call compiles the loop (``max_steps``
-    is not a compile-time constant), then the median of ``repeats`` calls, each ended by
-    ``block_until_ready``, minus that of a call stopped before its first step (argument checks,
-    dispatch, copying the history back), over the steps taken."""
+    is not a compile-time constant), then the median of up to ``repeats`` calls (fewer once they
+    add up to 2 s), each ended by ``block_until_ready``, minus that of a call stopped before its
+    first step (argument checks, dispatch, copying the history back), over the steps taken."""
     kw = dict(fit_kwargs)
     target = kw.pop("target_loss", None)
 
     def call(steps, tgt):
-        return lambda: pb.fit(residual_fn, params, opt, batch, max_steps=steps,
-                              target_loss=tgt, **kw)  # fmt: skip
+        return lambda: pb.fit(
+            residual_fn, params, opt, batch, max_steps=steps, target_loss=tgt, **kw
+        )
 
     _, first = _seconds(call(1, target))
-    runs = [_seconds(call(max_steps, target)) for _ in range(repeats)]
+    runs = [_seconds(call(max_steps, target))]
+    while len(runs) < repeats and sum(s for _, s in runs) < 2.0:  # long runs: one is enough
+        runs.append(_seconds(call(max_steps, target)))
     result = runs[0][0]
     full = float(np.median([s for _, s in runs]))
     zero = float(np.median([_seconds(call(1, math.inf))[1] for _ in range(repeats)]))
@@ -410,8 +477,9 @@ class Trace(NamedTuple):
     values: np.ndarray
 
 
-def trace_fit(residual_fn, params, opt, batch, metric: Callable, *, every: int, max_steps: int,
-              **fit_kwargs) -> tuple[Trace, Any]:  # fmt: skip
+def trace_fit(
+    residual_fn, params, opt, batch, metric: Callable, *, every: int, max_steps: int, **fit_kwargs
+) -> tuple[Trace, Any]:
     """(trace, result): ``metric(params)`` (a jitted function returning a vector) at theta_0,
     every ``every`` steps and at the end, recorded by ``pb.fit``'s host callback."""
     steps, values = [], []
@@ -420,8 +488,17 @@ def trace_fit(residual_fn, params, opt, batch, metric: Callable, *, every: int, 
         steps.append(progress.step)
         values.append(np.atleast_1d(np.asarray(metric(progress.params), float)))
 
-    result = pb.fit(residual_fn, params, opt, batch, max_steps=max_steps, callback=record,
-                    callback_every=every, callback_params=True, **fit_kwargs)  # fmt: skip
+    result = pb.fit(
+        residual_fn,
+        params,
+        opt,
+        batch,
+        max_steps=max_steps,
+        callback=record,
+        callback_every=every,
+        callback_params=True,
+        **fit_kwargs,
+    )
     return Trace(np.asarray(steps), np.stack(values)), result
 
 
@@ -451,8 +528,14 @@ def plot_seeds(ax, x: np.ndarray, y: np.ndarray, *, color: str, label: str) -> N
     ax.plot(x[0], seed_median(y), color=color, lw=2.2, label=label)
 
 
-def curves_figure(series: Sequence[dict], *, ylabel: str, title: str, target: float | None = None,
-                  xlabel_steps: str = "step + 1") -> Any:  # fmt: skip
+def curves_figure(
+    series: Sequence[dict],
+    *,
+    ylabel: str,
+    title: str,
+    target: float | None = None,
+    xlabel_steps: str = "step + 1",
+) -> Any:
     """The standard two panels, against steps and against wall-clock: one entry of ``series``
     per method with ``label``, ``color``, ``steps`` (T,) or (S, T), ``values`` (S, T) and
     ``per_step`` (seconds; the wall-clock axis is steps x per_step)."""
@@ -462,8 +545,9 @@ def curves_figure(series: Sequence[dict], *, ylabel: str, title: str, target: fl
     for s in series:
         k = np.asarray(s["steps"], float)
         plot_seeds(axes[0], k + 1, s["values"], color=s["color"], label=s["label"])
-        plot_seeds(axes[1], (k + 1) * s["per_step"], s["values"], color=s["color"],
-                   label=s["label"])  # fmt: skip
+        plot_seeds(
+            axes[1], (k + 1) * s["per_step"], s["values"], color=s["color"], label=s["label"]
+        )
     for ax in axes:
         if target is not None:
             ax.axhline(target, color="k", ls="--", lw=1)
@@ -480,22 +564,24 @@ def curves_figure(series: Sequence[dict], *, ylabel: str, title: str, target: fl
     return fig
 
 
+def fmt(v: Any) -> str:
+    """A number to 3 significant digits ("–" for NaN, "never" for inf), anything else as str."""
+    if isinstance(v, float | np.floating):
+        return "–" if math.isnan(v) else ("never" if math.isinf(v) else f"{v:.3g}")
+    return str(v)
+
+
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     """A markdown table; floats to 3 significant digits."""
     columns = list(columns or (rows[0].keys() if rows else []))
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float | np.floating):
-            return "–" if math.isnan(v) else f"{v:.3g}"
-        return str(v)
-
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def report(title: str, doc: str, *, name: str, args, seconds: float, finding: str,
-           body: Sequence[str]) -> str:  # fmt: skip
+def report(
+    title: str, doc: str, *, name: str, args, seconds: float, finding: str, body: Sequence[str]
+) -> str:
     """The report skeleton: title, the command and machine, the study's question and setup (from
     its docstring), the finding computed by this run, then tables and figures."""
     parts = _doc_sections(doc)

@@ -40,8 +40,12 @@ import paribus as pb
 
 NAME = "convergence_rates"
 T = (1.0, 2.0, 3.0)
-CASES = {"zero residual": 8.0, "small residual": 3.0, "medium residual": -1.0,
-         "large residual": -4.0}  # fmt: skip
+CASES = {
+    "zero residual": 8.0,
+    "small residual": 3.0,
+    "medium residual": -1.0,
+    "large residual": -4.0,
+}
 FULL, QUICK = 40, 20  # iterations at most
 # |g| counted as converged. Not lower: at a nonzero residual the loss stops changing in float64
 # once |g| ~ sqrt(eps L* L''), 1e-10 to 3e-8 here, so LM (which needs a decrease to accept a
@@ -70,9 +74,13 @@ def theory(y3: float) -> dict:
     jac = lambda x: jnp.exp(t * x) * t  # noqa: E731
     jtj = jnp.sum(jac(x) ** 2)
     gn_map = lambda x: x - jnp.sum(jac(x) * (jnp.exp(t * x) - y)) / jnp.sum(jac(x) ** 2)  # noqa: E731
-    return {"x_star": float(x), "loss_star": float(loss(x)), "curvature": float(d2(x)),
-            "rate": float(abs((d2(x) - jtj) / jtj)),
-            "quad_const": float(abs(jax.grad(jax.grad(gn_map))(x)) / 2)}  # fmt: skip
+    return {
+        "x_star": float(x),
+        "loss_star": float(loss(x)),
+        "curvature": float(d2(x)),
+        "rate": float(abs((d2(x) - jtj) / jtj)),
+        "quad_const": float(abs(jax.grad(jax.grad(gn_map))(x)) / 2),
+    }
 
 
 def gradient_norms(opt, x0: np.ndarray, ys: np.ndarray, max_steps: int) -> np.ndarray:
@@ -89,8 +97,12 @@ def gradient_norms(opt, x0: np.ndarray, ys: np.ndarray, max_steps: int) -> np.nd
 def ratios(g: np.ndarray, power: int, lo: float, hi: float) -> float:
     """Median of |g_(k+1)| / |g_k|^power over the steps with lo < |g_k| < hi (the asymptotic
     phase, above round-off and LM's floor), over every seed; NaN when none."""
-    out = [b / a**power for row in g for a, b in zip(row[:-1], row[1:], strict=True)
-           if lo < a < hi and b > 1e-15]  # fmt: skip
+    out = [
+        b / a**power
+        for row in g
+        for a, b in zip(row[:-1], row[1:], strict=True)
+        if lo < a < hi and b > 1e-15
+    ]
     return float(np.median(out)) if out else math.nan
 
 
@@ -105,8 +117,10 @@ def case_row(name: str, t: dict, g_gn: np.ndarray, g_lm: np.ndarray, seeds: int)
     else:
         gn_rate = ratios(g_gn, 1, 1e-6, 1e-2) if t["rate"] < 1 else "no convergence"
     return {
-        "case": f"{name} (y3 = {CASES[name]:g})", "L*": t["loss_star"],
-        "predicted GN rate": t["rate"], "measured GN rate": gn_rate,
+        "case": f"{name} (y3 = {CASES[name]:g})",
+        "L*": t["loss_star"],
+        "predicted GN rate": t["rate"],
+        "measured GN rate": gn_rate,
         "predicted C/L''": t["quad_const"] / t["curvature"] if quadratic else "",
         "measured g_(k+1)/g_k^2": ratios(g_gn, 2, 1e-7, 1e-1) if quadratic else "",
         "GN converged": f"{int((its_gn >= 0).sum())}/{seeds}",
@@ -114,7 +128,7 @@ def case_row(name: str, t: dict, g_gn: np.ndarray, g_lm: np.ndarray, seeds: int)
         "measured LM rate": ratios(g_lm, 1, 1e-6, 1e-2),
         "LM converged": f"{int((its_lm >= 0).sum())}/{seeds}",
         "LM median its": h.median(its_lm[its_lm >= 0]),
-    }  # fmt: skip
+    }
 
 
 def finding(rows: list[dict], th: dict) -> str:
@@ -131,9 +145,11 @@ def finding(rows: list[dict], th: dict) -> str:
         elif t["rate"] < 1:
             m = row["measured GN rate"]
             agree = "agrees with" if abs(m - t["rate"]) <= 0.25 * t["rate"] else "differs from"
-            parts.append(f"{name.capitalize()}: GN converged linearly on {row['GN converged']} "
-                         f"seeds at a measured rate {m:.3g}, which {agree} the predicted "
-                         f"{t['rate']:.3g}.")  # fmt: skip
+            parts.append(
+                f"{name.capitalize()}: GN converged linearly on {row['GN converged']} "
+                f"seeds at a measured rate {m:.3g}, which {agree} the predicted "
+                f"{t['rate']:.3g}."
+            )
         else:
             parts.append(
                 f"{name.capitalize()}: the predicted rate {t['rate']:.3g} exceeds 1 and GN "
@@ -150,10 +166,21 @@ def figure(th: dict, g: dict):
     for c, (ax, name) in enumerate(zip(axes, CASES, strict=True)):
         t = th[name]
         for s in range(g["GN"].shape[1]):
-            ax.plot(g["GN"][c, s], color="tab:purple", lw=1, alpha=0.6,
-                    label="Gauss-Newton" if s == 0 else None)  # fmt: skip
-            ax.plot(g["LM"][c, s], color="tab:blue", lw=1, ls="--", alpha=0.6,
-                    label="LM" if s == 0 else None)  # fmt: skip
+            ax.plot(
+                g["GN"][c, s],
+                color="tab:purple",
+                lw=1,
+                alpha=0.6,
+                label="Gauss-Newton" if s == 0 else None,
+            )
+            ax.plot(
+                g["LM"][c, s],
+                color="tab:blue",
+                lw=1,
+                ls="--",
+                alpha=0.6,
+                label="LM" if s == 0 else None,
+            )
         # The prediction, anchored at the median |g_1| of GN.
         pred = [float(np.nanmedian(g["GN"][c, :, 1]))]
         for _ in range(10):
@@ -163,9 +190,13 @@ def figure(th: dict, g: dict):
         keep = (pred > 1e-17) & (pred < 1e6)
         label = "predicted quadratic" if t["rate"] < 1e-8 else f"predicted rate {t['rate']:.3g}"
         ax.plot(np.arange(1, 12)[keep], pred[keep], "k:", lw=2, label=label)
-        ax.set(yscale="log", ylim=(1e-17, 1e6), xlabel="iteration k",
-               title=f"{name}: y3 = {CASES[name]:g}\nx* = {t['x_star']:.4f}, "
-                     f"L* = {t['loss_star']:.3g}")  # fmt: skip
+        ax.set(
+            yscale="log",
+            ylim=(1e-17, 1e6),
+            xlabel="iteration k",
+            title=f"{name}: y3 = {CASES[name]:g}\nx* = {t['x_star']:.4f}, "
+            f"L* = {t['loss_star']:.3g}",
+        )
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7.5, loc="upper right")
     axes[0].set_ylabel("|g_k| = |J^T r|")
@@ -181,22 +212,40 @@ def run(max_steps: int, args, out: h.Output) -> str:
     offsets = rng.uniform(0.05, 0.2, args.seeds) * rng.choice([-1.0, 1.0], args.seeds)
     x0 = np.array([[th[n]["x_star"] + d for d in offsets] for n in CASES])
     ys = np.array([[2.0, 4.0, y3] for y3 in CASES.values()])
-    g = {"GN": gradient_norms(pb.gauss_newton(), x0, ys, max_steps),
-         "LM": gradient_norms(pb.levenberg_marquardt(), x0, ys, max_steps)}  # fmt: skip
+    g = {
+        "GN": gradient_norms(pb.gauss_newton(), x0, ys, max_steps),
+        "LM": gradient_norms(pb.levenberg_marquardt(), x0, ys, max_steps),
+    }
     rows = [case_row(n, th[n], g["GN"][c], g["LM"][c], args.seeds) for c, n in enumerate(CASES)]
-    out.csv("iterations.csv", [
-        {"case": n, "method": m, "seed": s, "x0": x0[c, s], "iteration": k, "grad_norm": v}
-        for m in g for c, n in enumerate(CASES) for s in range(args.seeds)
-        for k, v in enumerate(g[m][c, s]) if np.isfinite(v)
-    ])  # fmt: skip
+    out.csv(
+        "iterations.csv",
+        [
+            {"case": n, "method": m, "seed": s, "x0": x0[c, s], "iteration": k, "grad_norm": v}
+            for m in g
+            for c, n in enumerate(CASES)
+            for s in range(args.seeds)
+            for k, v in enumerate(g[m][c, s])
+            if np.isfinite(v)
+        ],
+    )
     out.figure("rates.png", figure(th, g))
     return h.report(
-        "Convergence rates of Gauss-Newton and Levenberg-Marquardt", __doc__, name=NAME,
-        args=args, seconds=time.perf_counter() - t0, finding=finding(rows, th),
-        body=[f"float64, at most {max_steps} iterations; converged: |g| <= {TOL:g}.", "",
-              h.table(rows), "", "![rates](rates.png)", "",
-              "Every iteration of every run: `iterations.csv`."],
-    )  # fmt: skip
+        "Convergence rates of Gauss-Newton and Levenberg-Marquardt",
+        __doc__,
+        name=NAME,
+        args=args,
+        seconds=time.perf_counter() - t0,
+        finding=finding(rows, th),
+        body=[
+            f"float64, at most {max_steps} iterations; converged: |g| <= {TOL:g}.",
+            "",
+            h.table(rows),
+            "",
+            "![rates](rates.png)",
+            "",
+            "Every iteration of every run: `iterations.csv`.",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,13 @@ import optax
 import paribus as pb
 
 NAME = "gd_vs_gauss_newton"
-COLORS = {"GD": "tab:gray", "GD+momentum": "tab:olive", "Adam": "tab:orange",
-          "Gauss-Newton": "tab:purple", "LM": "tab:blue"}  # fmt: skip
+COLORS = {
+    "GD": "tab:gray",
+    "GD+momentum": "tab:olive",
+    "Adam": "tab:orange",
+    "Gauss-Newton": "tab:purple",
+    "LM": "tab:blue",
+}
 
 
 class Config(NamedTuple):
@@ -52,11 +57,17 @@ class Config(NamedTuple):
 
 # The loss is a sum over N examples, so GD's stable step is O(1/N): the GD and momentum rates
 # are written as eta x N and divided by N in the optimiser. Adam does not see the loss's scale.
-FULL = Config(200, (1, 16, 16, 1), 3e-3, 20_000, 150,
-              {"GD": (0.3, 0.1, 0.03), "GD+momentum": (0.3, 0.1, 0.03),
-               "Adam": (1e-2, 3e-3, 1e-3)})  # fmt: skip
-QUICK = Config(64, (1, 8, 8, 1), 3e-2, 300, 40,
-               {"GD": (0.3,), "GD+momentum": (0.1,), "Adam": (1e-2,)})  # fmt: skip
+FULL = Config(
+    200,
+    (1, 16, 16, 1),
+    3e-3,
+    20_000,
+    150,
+    {"GD": (0.3, 0.1, 0.03), "GD+momentum": (0.3, 0.1, 0.03), "Adam": (1e-2, 3e-3, 1e-3)},
+)
+QUICK = Config(
+    64, (1, 8, 8, 1), 3e-2, 300, 40, {"GD": (0.3,), "GD+momentum": (0.1,), "Adam": (1e-2,)}
+)
 
 
 # --- the problem: one residual function for every method ------------------------------------
@@ -90,12 +101,26 @@ def run_method(method: str, cfg: Config, seeds: int) -> dict:
     grid = cfg.grids.get(method, (math.nan,))
     steps = cfg.first_order_steps if method in cfg.grids else cfg.solver_steps
     keys = h.keys(seeds)
-    runs = h.sweep(residual_fn, init, lambda lr: optimiser(method, lr, cfg.n), grid, keys,
-                   batch, max_steps=steps, target_loss=target)  # fmt: skip
+    runs = h.sweep(
+        residual_fn,
+        init,
+        lambda lr: optimiser(method, lr, cfg.n),
+        grid,
+        keys,
+        batch,
+        max_steps=steps,
+        target_loss=target,
+    )
     its = h.first_at_or_below(runs.losses, target)
     best = h.best_index(its, h.last_finite(runs.losses))
-    timing = h.time_fit(residual_fn, init(keys[0]), optimiser(method, grid[best], cfg.n), batch,
-                        max_steps=min(steps, 2_000), target_loss=target)  # fmt: skip
+    timing = h.time_fit(
+        residual_fn,
+        init(keys[0]),
+        optimiser(method, grid[best], cfg.n),
+        batch,
+        max_steps=min(steps, 2_000),
+        target_loss=target,
+    )
     return dict(method=method, grid=grid, best=best, runs=runs, its=its, timing=timing)
 
 
@@ -106,15 +131,23 @@ def rows_of(res: dict) -> list[dict]:
         for s in range(runs.steps.shape[1]):
             k = int(res["its"][i, s])
             best = i == res["best"]
-            out.append({
-                "method": res["method"], "lr": lr, "best_lr": best, "seed": s,
-                "iterations_to_target": k if k >= 0 else "",
-                "accepted_to_target": int(runs.accepted[i, s, 1 : k + 1].sum()) if k >= 0 else "",
-                "time_to_target_s": k * res["timing"].per_step if k >= 0 and best else "",
-                "steps_run": int(runs.steps[i, s]), "stop_reason": runs.stops[i, s],
-                "initial_loss": float(runs.losses[i, s, 0]),
-                "final_loss": float(h.last_finite(runs.losses[i, s])),
-            })  # fmt: skip
+            out.append(
+                {
+                    "method": res["method"],
+                    "lr": lr,
+                    "best_lr": best,
+                    "seed": s,
+                    "iterations_to_target": k if k >= 0 else "",
+                    "accepted_to_target": int(runs.accepted[i, s, 1 : k + 1].sum())
+                    if k >= 0
+                    else "",
+                    "time_to_target_s": k * res["timing"].per_step if k >= 0 and best else "",
+                    "steps_run": int(runs.steps[i, s]),
+                    "stop_reason": runs.stops[i, s],
+                    "initial_loss": float(runs.losses[i, s, 0]),
+                    "final_loss": float(h.last_finite(runs.losses[i, s])),
+                }
+            )
     return out
 
 
@@ -141,15 +174,18 @@ def finding(table: list[dict]) -> str:
     lm = by["LM"]
     if math.isnan(lm["median iterations"]):
         return "LM did not reach the target on any seed in this run."
-    parts = [f"LM reached the target on {lm['reached target']} seeds in a median "
-             f"{lm['median iterations']:.0f} iterations ({lm['median time to target (ms)']:.3g} "
-             f"ms, {lm['time per iteration (us)']:.0f} us per iteration)."]  # fmt: skip
+    parts = [
+        f"LM reached the target on {lm['reached target']} seeds in a median "
+        f"{lm['median iterations']:.0f} iterations ({lm['median time to target (ms)']:.3g} "
+        f"ms, {lm['time per iteration (us)']:.0f} us per iteration)."
+    ]
     for r in table:
         if r["method"] == "LM":
             continue
         if math.isnan(r["median iterations"]):
-            parts.append(f"{r['method']} never reached it (median final loss "
-                         f"{r['median final loss']:.2g}).")  # fmt: skip
+            parts.append(
+                f"{r['method']} never reached it (median final loss {r['median final loss']:.2g})."
+            )
             continue
         parts.append(
             f"{r['method']} reached it on {r['reached target']} seeds in a median "
@@ -173,11 +209,21 @@ def grid_figure(results: list[dict], cfg: Config):
         final = np.minimum(h.last_finite(res["runs"].losses), 1e6)
         for lr, f, its in zip(res["grid"], final, res["its"], strict=True):
             ax.scatter([lr] * len(f), f, color=COLORS[res["method"]], alpha=0.6, s=14)
-            ax.annotate(f"{(its >= 0).mean():.0%}", (lr, f.max()), fontsize=8, ha="center",
-                        textcoords="offset points", xytext=(0, 6))  # fmt: skip
+            ax.annotate(
+                f"{(its >= 0).mean():.0%}",
+                (lr, f.max()),
+                fontsize=8,
+                ha="center",
+                textcoords="offset points",
+                xytext=(0, 6),
+            )
         unit = " (eta x N)" if res["method"] != "Adam" else ""
-        ax.set(xscale="log", yscale="log", title=f"{res['method']}: final loss per seed",
-               xlabel=f"learning rate{unit}")  # fmt: skip
+        ax.set(
+            xscale="log",
+            yscale="log",
+            title=f"{res['method']}: final loss per seed",
+            xlabel=f"learning rate{unit}",
+        )
         ax.grid(True, alpha=0.3)
     axes[0, 0].set_ylabel("loss at stop (label: seeds at the target)")
     return fig
@@ -186,33 +232,61 @@ def grid_figure(results: list[dict], cfg: Config):
 def run(cfg: Config, args, out: h.Output) -> str:
     t0 = time.perf_counter()
     methods = [*cfg.grids, "Gauss-Newton", "LM"]
-    results = [run_method(m, cfg, args.seeds)
-               for m in h.progress(methods, desc=NAME, disable=args.no_progress)]  # fmt: skip
+    results = [
+        run_method(m, cfg, args.seeds)
+        for m in h.progress(methods, desc=NAME, disable=args.no_progress)
+    ]
     target = problem(cfg)[3]
     out.csv("runs.csv", [row for res in results for row in rows_of(res)])
-    series = [dict(label=r["method"] + ("" if math.isnan(r["grid"][r["best"]])
-                                        else f" (lr {r['grid'][r['best']]:g})"),
-                   color=COLORS[r["method"]], steps=np.arange(r["runs"].losses.shape[-1]),
-                   values=r["runs"].losses[r["best"]], per_step=r["timing"].per_step)
-              for r in results]  # fmt: skip
-    out.figure("loss_curves.png", h.curves_figure(
-        series, ylabel="loss 1/2 ||r||^2 (dashed: target)", target=target,
-        title="GD, momentum, Adam (best learning rate) against Gauss-Newton and LM",
-        xlabel_steps="iteration + 1 (LM: every trial counts)"))  # fmt: skip
+    series = [
+        dict(
+            label=r["method"]
+            + ("" if math.isnan(r["grid"][r["best"]]) else f" (lr {r['grid'][r['best']]:g})"),
+            color=COLORS[r["method"]],
+            steps=np.arange(r["runs"].losses.shape[-1]),
+            values=r["runs"].losses[r["best"]],
+            per_step=r["timing"].per_step,
+        )
+        for r in results
+    ]
+    out.figure(
+        "loss_curves.png",
+        h.curves_figure(
+            series,
+            ylabel="loss 1/2 ||r||^2 (dashed: target)",
+            target=target,
+            title="GD, momentum, Adam (best learning rate) against Gauss-Newton and LM",
+            xlabel_steps="iteration + 1 (LM: every trial counts)",
+        ),
+    )
     out.figure("lr_grid.png", grid_figure(results, cfg))
     table = [summary(r, args.seeds) for r in results]
-    setup = (f"MLP {list(cfg.sizes)} (tanh), N = {cfg.n}, float32; target loss {target:.3g} "
-             f"(RMS {cfg.rms_target:g}); first-order methods at most {cfg.first_order_steps} "
-             f"steps, grids {dict(cfg.grids)}; Gauss-Newton and LM at most "
-             f"{cfg.solver_steps}.")  # fmt: skip
+    setup = (
+        f"MLP {list(cfg.sizes)} (tanh), N = {cfg.n}, float32; target loss {target:.3g} "
+        f"(RMS {cfg.rms_target:g}); first-order methods at most {cfg.first_order_steps} "
+        f"steps, grids {dict(cfg.grids)}; Gauss-Newton and LM at most "
+        f"{cfg.solver_steps}."
+    )
     return h.report(
-        "Gradient descent against Gauss-Newton and Levenberg-Marquardt", __doc__, name=NAME,
-        args=args, seconds=time.perf_counter() - t0, finding=finding(table),
-        body=[setup, "", h.table(table), "", "![loss curves](loss_curves.png)", "",
-              "![learning-rate grid](lr_grid.png)", "",
-              "Time per iteration: the harness's compiled, hook-free `pb.fit` of seed 0 at the "
-              "best rate (fixed cost of a call removed); every run in `runs.csv`."],
-    )  # fmt: skip
+        "Gradient descent against Gauss-Newton and Levenberg-Marquardt",
+        __doc__,
+        name=NAME,
+        args=args,
+        seconds=time.perf_counter() - t0,
+        finding=finding(table),
+        body=[
+            setup,
+            "",
+            h.table(table),
+            "",
+            "![loss curves](loss_curves.png)",
+            "",
+            "![learning-rate grid](lr_grid.png)",
+            "",
+            "Time per iteration: the harness's compiled, hook-free `pb.fit` of seed 0 at the "
+            "best rate (fixed cost of a call removed); every run in `runs.csv`.",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -1,60 +1,38 @@
 """The anatomy of the Jacobian of a network's residuals, and what each way of computing it costs.
 
-Question
-    What are the rows, the columns and the spectrum of J = dr/dtheta (one row per example and
-    output, one column per parameter), and which Jacobian mode (per-example reverse, forward,
-    reverse over the batch, structured) is cheapest as N and P grow?
+Question: what are the rows, the columns and the spectrum of J = dr/dtheta (one row per example
+and output, one column per parameter), and which Jacobian mode (per-example reverse, forward,
+reverse over the batch, structured) is cheapest as N and P grow?
 
-Setup
-    Anatomy (float64): a 1-4-1 tanh MLP (P = 13) on N = 10 points of y = sin(pi x). Each identity
-    below is checked numerically by a second, independent route:
-    - row i of J is the per-example gradient of r_i (``pb.per_example_grads``);
-    - column k of J is the partial derivative of every residual with respect to theta_k alone
-      (``pb.partial``, one JVP, and ``pb.nudge``, a central difference);
-    - J^T r is the gradient of L = 1/2 ||r||^2 (``pb.loss_and_grad``);
-    - the squared singular values of J are the nonzero eigenvalues of the NTK J J^T (``pb.ntk``).
-    Spectrum (float64, seeds batched with ``jax.vmap``): NTK eigenvalues of 1-H-1 tanh MLPs on
-    N = 64 points for H in {4, 16, 64, 256}, so P = 3H + 1 runs from below N to far above it.
-    Cost (float32, the default dtype, compile time excluded, median of repeats): every mode of
-    ``pb.jacobian`` on a 4-H-H-1 tanh MLP, first with H fixed and N growing, then with N fixed and
-    H (so P) growing. Modes whose estimated work exceeds a budget are skipped and marked so.
+Setup: anatomy (float64): a 1-4-1 tanh MLP (P = 13) on N = 10 points of y = sin(pi x), each
+identity checked by a second, independent route: row i of J is the per-example gradient of r_i
+(``pb.per_example_grads``); column k is the partial derivative of every residual with respect to
+theta_k alone (``pb.partial``, one JVP, and ``pb.nudge``, a central difference); J^T r is the
+gradient of L = 1/2 ||r||^2 (``pb.loss_and_grad``); the squared singular values of J are the
+nonzero eigenvalues of the NTK J J^T (``pb.ntk``). Spectrum (float64, seeds batched with
+``jax.vmap``): NTK eigenvalues of 1-H-1 tanh MLPs on N = 64 points, H in {4, 16, 64, 256}, so P
+runs from below N to far above it. Cost (float32, compile time apart, median of repeats, the
+harness's ``time_call``): every mode of ``pb.jacobian`` on a 4-H-H-1 tanh MLP, first with H = 32
+and N growing, then with N = 256 and H growing; a mode whose estimated work exceeds a budget is
+skipped.
 
-Finding
-    The report (results/jacobian_anatomy/report.md) holds the numbers of the run that wrote it.
-    A default run on the shared 2-core CPU (8 seeds, 248 s) gave: every identity holds to
-    2.2e-16 (float64), the central difference to 1.9e-11; J is badly conditioned: for
-    H = 256 (P = 769 > N = 64) the rank bound is 64 but only 7 NTK eigenvalues exceed 1e-6 of
-    the largest, so undamped Gauss-Newton divides by round-off; per-example reverse mode and the
-    structured mode cost about the same (within noise: 0.40 vs 0.31 ms at N = 256, 1.3 vs
-    1.7 ms at N = 1,024, 412 vs 428 ms at P = 67,329) and scale as N P; reverse mode over the
-    batch (N^2 P) ties with them at N <= 16 and is ~170x slower at N = 256 and ~1,000x at
-    N = 1,024; forward mode (N P^2) never wins for one output (3x to 2,600x slower).
+Finding (default run, 8 seeds): FINDING_PLACEHOLDER
 
-Run
-    python experiments/jacobian_anatomy.py [--quick] [--seeds S] [--out DIR] [--no-progress]
+    python experiments/jacobian_anatomy.py            # a few minutes on 2 CPU cores
+    python experiments/jacobian_anatomy.py --quick    # seconds (CI)
 """
 
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
-from pathlib import Path
 
-# XLA's CPU Cholesky and eigh call LAPACK through OpenBLAS, whose worker threads spin when the
-# cores are shared: on a busy 2-core machine a 500 x 500 Cholesky took 450 ms with the default
-# threads and 2.3 ms with one. Set before jax (and its LAPACK) loads; an explicit setting wins.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import _harness as h  # first: it sets OpenBLAS's threads before jax loads
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-
-import paribus as pb  # noqa: E402
+import paribus as pb
 
 NAME = "jacobian_anatomy"
 MODES = ("structured", "per_example", "fwd", "rev")
@@ -134,9 +112,9 @@ def spectra(widths, n: int, seeds: int) -> list[dict]:
     dt = jnp.float64
     xs, _ = _sine_data(n, dt)
     out = []
-    for h in widths:
+    for width in widths:
         init, apply = pb.nets.mlp(
-            [1, h, 1], "tanh", b_init=jax.nn.initializers.normal(0.5), dtype=dt
+            [1, width, 1], "tanh", b_init=jax.nn.initializers.normal(0.5), dtype=dt
         )
 
         def eigs(key, init=init, apply=apply):
@@ -147,12 +125,12 @@ def spectra(widths, n: int, seeds: int) -> list[dict]:
 
         keys = jax.random.split(jax.random.key(1), seeds)
         eig, sing = (np.asarray(a) for a in jax.jit(jax.vmap(eigs))(keys))
-        p = 3 * h + 1
+        p = 3 * width + 1
         k_top = min(n, p)
         tol = eig[:, :1] * n * np.finfo(np.float64).eps
         out.append(
             {
-                "H": h,
+                "H": width,
                 "P": p,
                 "N": n,
                 "eig": eig,
@@ -198,9 +176,9 @@ def cost_point(n: int, width: int, *, budget: float, repeats: int) -> list[dict]
             rows.append({**row, "status": f"skipped (est. {work:.1e} flops > {budget:.0e})"})
             continue
         fn = jax.jit(lambda prm, x, mode=mode: pb.jacobian(apply, prm, x, mode=mode).matrix)
-        mat, compile_s, run_s = _common.timed(fn, params, xs, repeats=repeats)
+        mat, compile_s, run_s = h.time_call(fn, params, xs, repeats=repeats)
         if run_s < 0.05:  # fast calls are the noisiest: take the median of more of them
-            mat, _, run_s = _common.timed(fn, params, xs, repeats=int(min(200, 0.25 / run_s)))
+            mat, _, run_s = h.time_call(fn, params, xs, repeats=int(min(200, 0.25 / run_s)))
         mat = np.asarray(mat)
         if ref is None:
             ref = mat
@@ -257,7 +235,7 @@ def _crossover(rows: list[dict], axis: str, a: str, b: str, *, tie: float = 1.3)
 # Plots.
 
 
-def plot_anatomy(a: dict, path: Path) -> None:
+def plot_anatomy(a: dict):
     import matplotlib.pyplot as plt
 
     J, labels, n = a["J"], a["labels"], a["J"].shape[0]
@@ -275,8 +253,15 @@ def plot_anatomy(a: dict, path: Path) -> None:
 
     ax = axes[0, 1]
     ax.bar(range(len(labels)), J[row_i], color="C0", label="row of J")
-    ax.plot(range(len(labels)), a["rows"][row_i], "x", color="C1", ms=9, mew=2,
-            label="pb.per_example_grads of r_i")  # fmt: skip
+    ax.plot(
+        range(len(labels)),
+        a["rows"][row_i],
+        "x",
+        color="C1",
+        ms=9,
+        mew=2,
+        label="pb.per_example_grads of r_i",
+    )
     ax.legend()
     ax.set_xticks(range(len(labels)), labels, rotation=70, fontsize=8)
     ax.axhline(0, color="k", lw=0.5)
@@ -301,10 +286,10 @@ def plot_anatomy(a: dict, path: Path) -> None:
     ax.set_title(f"J^T r = g (max relative difference {a['err_grad']:.1e})")
     ax.legend()
     fig.tight_layout()
-    _common.save_figure(fig, path)
+    return fig
 
 
-def plot_spectra(specs: list[dict], path: Path) -> None:
+def plot_spectra(specs: list[dict]):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -330,10 +315,10 @@ def plot_spectra(specs: list[dict], path: Path) -> None:
     )
     ax.legend()
     fig.tight_layout()
-    _common.save_figure(fig, path)
+    return fig
 
 
-def plot_cost(rows_n: list[dict], rows_p: list[dict], path: Path) -> None:
+def plot_cost(rows_n: list[dict], rows_p: list[dict]):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
@@ -360,36 +345,27 @@ def plot_cost(rows_n: list[dict], rows_p: list[dict], path: Path) -> None:
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(title="mode (x: next size skipped)")
     fig.tight_layout()
-    _common.save_figure(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _common.parser(NAME, __doc__, seeds=8).parse_args(argv)
-    _common.use_agg()
+def run(cfg: dict, args, out: h.Output) -> str:
     t_start = time.perf_counter()
-    out: Path = args.out
-    if args.quick:
-        widths, n_spec = (4, 64), 32
-        n_sweep, h_fixed = (8, 64), 16
-        h_sweep, n_fixed = (4, 32), 64
-        budget, repeats = 2e8, 2
-    else:
-        widths, n_spec = (4, 16, 64, 256), 64
-        n_sweep, h_fixed = (4, 16, 64, 256, 1024, 4096), 32
-        h_sweep, n_fixed = (4, 8, 16, 32, 64, 128, 256), 256
-        budget, repeats = 5e9, 5
+    widths, n_spec = cfg["spectrum_widths"], cfg["spectrum_n"]
+    n_sweep, h_fixed = cfg["n_sweep"], cfg["h_fixed"]
+    h_sweep, n_fixed = cfg["h_sweep"], cfg["n_fixed"]
+    budget, repeats = cfg["budget"], cfg["repeats"]
 
     with jax.enable_x64(True):
         a = anatomy(seed=0)
         specs = spectra(widths, n_spec, args.seeds)
 
     rows_n, rows_p = [], []
-    jobs = [("N", n, h_fixed) for n in n_sweep] + [("P", n_fixed, h) for h in h_sweep]
-    for axis, n, h in _common.progress(jobs, desc="jacobian modes", disable=args.no_progress):
-        res = cost_point(n, h, budget=budget, repeats=repeats)
+    jobs = [("N", n, h_fixed) for n in n_sweep] + [("P", n_fixed, width) for width in h_sweep]
+    for axis, n, width in h.progress(jobs, desc="jacobian modes", disable=args.no_progress):
+        res = cost_point(n, width, budget=budget, repeats=repeats)
         (rows_n if axis == "N" else rows_p).extend({**r, "sweep": axis} for r in res)
 
     cross = [
@@ -400,9 +376,9 @@ def main(argv: list[str] | None = None) -> None:
         _crossover(rows_p, "P", "structured", "per_example"),
     ]
 
-    plot_anatomy(a, out / "anatomy.png")
-    plot_spectra(specs, out / "spectrum.png")
-    plot_cost(rows_n, rows_p, out / "cost.png")
+    out.figure("anatomy.png", plot_anatomy(a))
+    out.figure("spectrum.png", plot_spectra(specs))
+    out.figure("cost.png", plot_cost(rows_n, rows_p))
 
     identities = [
         {"identity": "row i of J = per-example gradient of r_i", "max_rel_err": a["err_rows"]},
@@ -441,10 +417,9 @@ def main(argv: list[str] | None = None) -> None:
         for j in range(s["eig"].shape[1])
     ]
     csv_rows += rows_n + rows_p
-    _common.write_csv(out / f"{NAME}.csv", csv_rows)
+    out.csv(f"{NAME}.csv", csv_rows)
 
     cost_cols = ["mode", "N", "H", "P", "status", "run_s", "compile_s", "rel_diff_vs_structured"]
-    elapsed = time.perf_counter() - t_start
     s_big = specs[-1]
     worst = max(a[k] for k in ("err_rows", "err_cols_jvp", "err_grad", "err_ntk", "err_spectrum"))
     finding = (
@@ -458,55 +433,72 @@ def main(argv: list[str] | None = None) -> None:
         f"(median over {args.seeds} seeds); undamped Gauss-Newton would divide by the rest.\n"
         + "".join(f"- {c}.\n" for c in cross)
     )
-    report = f"""# Jacobian anatomy
-
-{__doc__.split("Finding")[0].strip()}
-
-## FINDING (computed by this run)
-
-{finding}
-Run time: {elapsed:.1f} s ({"--quick" if args.quick else "default settings"}, {args.seeds} seeds,
-device {jax.devices()[0].platform}).
-
-## Identities (float64, 1-4-1 tanh MLP, N=10)
-
-Loss at the random initialisation: {a["loss"]:.4g}.
-
-{_common.markdown_table(identities)}
-
-![anatomy](anatomy.png)
-
-## Spectrum: singular values of J and NTK eigenvalues
-
-{_common.markdown_table(spec_rows)}
-
-Numerical rank: eigenvalues above N eps lambda_1 (float64). The dotted lines in the plot mark
-P for the networks with P < N: the NTK has N - P exact zeros there (they sit at round-off).
-
-![spectrum](spectrum.png)
-
-## Cost of each Jacobian mode (float32, compile excluded, median of {repeats})
-
-Growing N at H={h_fixed}:
-
-{_common.markdown_table(rows_n, cost_cols)}
-
-Growing P at N={n_fixed}:
-
-{_common.markdown_table(rows_p, cost_cols)}
-
-Measured crossovers:
-
-{"".join(f"- {c}{chr(10)}" for c in cross)}
-![cost](cost.png)
-"""
-    _common.write_text(out / "report.md", report)
-    print(
-        f"{NAME}: wrote {out}/report.md, {NAME}.csv, anatomy.png, spectrum.png, cost.png "
-        f"in {elapsed:.1f} s"
+    crossings = "".join(f"- {c}\n" for c in cross)
+    body = [
+        "## Identities (float64, 1-4-1 tanh MLP, N = 10)",
+        "",
+        f"Loss at the random initialisation: {a['loss']:.4g}.",
+        "",
+        h.table(identities),
+        "",
+        "![anatomy](anatomy.png)",
+        "",
+        "## Spectrum: singular values of J and NTK eigenvalues",
+        "",
+        h.table(spec_rows),
+        "",
+        "Numerical rank: eigenvalues above N eps lambda_1 (float64). The dotted lines in the plot "
+        "mark P for the networks with P < N: the NTK has N - P exact zeros there (at round-off).",
+        "",
+        "![spectrum](spectrum.png)",
+        "",
+        f"## Cost of each Jacobian mode (float32, compile excluded, median of {repeats})",
+        "",
+        f"Growing N at H = {h_fixed}:",
+        "",
+        h.table(rows_n, cost_cols),
+        "",
+        f"Growing P at N = {n_fixed}:",
+        "",
+        h.table(rows_p, cost_cols),
+        "",
+        "Measured crossovers:",
+        "",
+        crossings,
+        "![cost](cost.png)",
+    ]
+    return h.report(
+        "Jacobian anatomy",
+        __doc__,
+        name=NAME,
+        args=args,
+        seconds=time.perf_counter() - t_start,
+        finding=finding,
+        body=body,
     )
-    print(finding)
+
+
+FULL = {
+    "spectrum_widths": (4, 16, 64, 256),
+    "spectrum_n": 64,
+    "n_sweep": (4, 16, 64, 256, 1024, 4096),
+    "h_fixed": 32,
+    "h_sweep": (4, 8, 16, 32, 64, 128, 256),
+    "n_fixed": 256,
+    "budget": 5e9,
+    "repeats": 5,
+}
+QUICK = {
+    "spectrum_widths": (4, 64),
+    "spectrum_n": 32,
+    "n_sweep": (8, 64),
+    "h_fixed": 16,
+    "h_sweep": (4, 32),
+    "n_fixed": 64,
+    "budget": 2e8,
+    "repeats": 2,
+}
 
 
 if __name__ == "__main__":
-    main()
+    h.exit(h.main(NAME, __doc__, run, full=FULL, quick=QUICK, seeds=8))

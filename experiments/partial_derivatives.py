@@ -1,53 +1,39 @@
 """Ceteris paribus, made visible: what one partial derivative of the loss means for one weight.
 
-Question
-    For a small network, what is dL/dtheta_k for one parameter theta_k? It should be the slope
-    of the loss when theta_k alone moves and every other parameter is held fixed. Do the exact
-    partial derivative (``pb.partial``: one JVP with the one-hot tangent e_k), the nudge
-    (``pb.nudge``: move theta_k by +-h, hold the rest, central difference) and the k-th entry of
-    the gradient (``jax.grad``) agree? What does the Jacobian J = df/dtheta of the outputs look
-    like, and is J^T r the gradient of L = 1/2 ||r||^2?
+Question: for a small network, what is dL/dtheta_k for one parameter theta_k? It should be the
+slope of the loss when theta_k alone moves and every other parameter is held fixed. Do the exact
+partial derivative (``pb.partial``: one JVP with the one-hot tangent e_k), the nudge
+(``pb.nudge``: move theta_k by +-h, hold the rest, central difference) and the k-th entry of the
+gradient (``jax.grad``) agree? What does the Jacobian J = df/dtheta of the outputs look like, is
+J^T r the gradient of L = 1/2 ||r||^2, and what do all P partial derivatives cost?
 
-Setup
-    A 1-H-1 tanh MLP (``pb.nets.mlp``, LeCun-normal weights, biases N(0, 0.5^2)) at its
-    initialisation, on N points of y = sin(3x), x evenly spaced in [-1, 1]; residuals
-    r_i = f(x_i) - y_i; L = 1/2 ||r||^2. float64 unless stated (a float32 nudge column shows what
-    the dtype-aware step gives in single precision). H = 16, N = 40 (``--quick``: H = 6, N = 12).
-    Slices: for four parameters (one per leaf: the hidden weight and bias with the largest
-    |dL/dtheta| and the output weight and bias), L(theta + t e_k) for t in [-1.5, 1.5], with the
-    tangent line of slope ``pb.partial`` and a central-difference chord. Table: ``pb.partial``,
-    ``pb.nudge`` and ``jax.grad`` for every parameter. Seeds (``--seeds``, batched with
-    ``jax.vmap``) repeat the agreement check over initialisations. Timings (compile time apart)
-    compare the P partial derivatives one JVP each against one reverse-mode gradient.
+Setup: a 1-16-1 tanh MLP (LeCun-normal weights, biases N(0, 0.5^2)) at its initialisation, on
+N = 40 points of y = sin(3x), x evenly spaced in [-1, 1]; residuals r_i = f(x_i) - y_i;
+L = 1/2 ||r||^2; float64 (a float32 nudge column shows what the dtype-aware step gives in single
+precision). Slices: for four parameters (one per leaf: the hidden weight and bias with the
+largest |dL/dtheta|, the output weight and bias), L(theta + t e_k) for t in [-1.5, 1.5], with the
+tangent of slope ``pb.partial`` and a central-difference chord. Table: ``pb.partial``,
+``pb.nudge`` and ``jax.grad`` for every parameter; seeds (batched with ``jax.vmap``) repeat the
+agreement check over initialisations. Cost: all P partial derivatives, one JVP each, against one
+reverse-mode gradient, as P grows (``jax.jit``, compile time apart, median of 20 runs).
 
-Finding
-    Every number is computed by the run and written into ``report.md`` (FINDING block). In
-    short: ``pb.partial`` equals the gradient entry to float64 round-off (~1e-16 relative), the
-    nudge agrees to ~1e-10 in float64 and ~1e-3 in float32 (the step h = eps^(1/3) balances
-    truncation against rounding); the slices show each partial derivative is the slope of a
-    one-dimensional cut through the loss at t = 0, and only there (the cuts curve away from
-    their tangents); J^T r equals the gradient to round-off; the P partials cost P JVPs, while
-    reverse mode gives all of them for about the price of one.
+Finding (default run, 5 seeds): FINDING_PLACEHOLDER
 
-Run
-    python experiments/partial_derivatives.py [--quick] [--seeds S] [--out DIR] [--no-progress]
+    python experiments/partial_derivatives.py            # seconds
+    python experiments/partial_derivatives.py --quick    # seconds (CI)
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
+import _harness as h  # first: it sets OpenBLAS's threads before jax loads
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-
-import paribus as pb  # noqa: E402
+import paribus as pb
 
 NAME = "partial_derivatives"
 T_RANGE = 1.5  # how far each slice moves its parameter
@@ -124,7 +110,7 @@ def slices(loss_fn, params, ks, *, points: int = 121):
 def cost_sweep(hiddens, n: int, *, repeats: int, disable: bool) -> list[dict]:
     """Run time of all P partials (P JVPs), all P nudges and one gradient, as P grows."""
     rows = []
-    for hidden in _common.progress(hiddens, desc="cost vs P", disable=disable):
+    for hidden in h.progress(hiddens, desc="cost vs P", disable=disable):
         init, _, residual_fn, batch = make_problem(hidden, n)
         params = init(jax.random.key(0))
         n_params = ravel_pytree(params)[0].size
@@ -143,11 +129,16 @@ def cost_sweep(hiddens, n: int, *, repeats: int, disable: bool) -> list[dict]:
             "jax.grad (one reverse pass)": jax.jit(jax.grad(loss_of)),
         }
         for what, fn in ways.items():
-            _, compile_s, run_s = _common.timed(fn, params, repeats=repeats)
+            _, compile_s, run_s = h.time_call(fn, params, repeats=repeats)
             rows.append(
-                {"hidden": hidden, "P": n_params, "computation": what,
-                 "run_ms": run_s * 1e3, "compile_ms": compile_s * 1e3}
-            )  # fmt: skip
+                {
+                    "hidden": hidden,
+                    "P": n_params,
+                    "computation": what,
+                    "run_ms": run_s * 1e3,
+                    "compile_ms": compile_s * 1e3,
+                }
+            )
     for row in rows:
         grad_ms = next(
             r["run_ms"] for r in rows if r["P"] == row["P"] and r["computation"].startswith("jax")
@@ -156,7 +147,7 @@ def cost_sweep(hiddens, n: int, *, repeats: int, disable: bool) -> list[dict]:
     return rows
 
 
-def plot_cost(rows, path: Path) -> None:
+def plot_cost(rows):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
@@ -173,10 +164,10 @@ def plot_cost(rows, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    _common.save_figure(fig, path)
+    return fig
 
 
-def plot_slices(ts, curves, ks, labels, loss0, partials, nudges, grad, path: Path) -> None:
+def plot_slices(ts, curves, ks, labels, loss0, partials, nudges, grad):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 3.9), sharey=False)
@@ -189,9 +180,14 @@ def plot_slices(ts, curves, ks, labels, loss0, partials, nudges, grad, path: Pat
         # A central-difference chord with a visible step; pb.nudge uses a tiny one.
         i_lo, i_hi = np.argmin(np.abs(ts + chord_h)), np.argmin(np.abs(ts - chord_h))
         ax.plot(
-            ts[[i_lo, i_hi]], curve[[i_lo, i_hi]], "o--", color="C2", lw=1.2, ms=5,
+            ts[[i_lo, i_hi]],
+            curve[[i_lo, i_hi]],
+            "o--",
+            color="C2",
+            lw=1.2,
+            ms=5,
             label=f"chord over t = +-{chord_h}",
-        )  # fmt: skip
+        )
         ax.plot([0], [loss0], "ko", ms=5)
         ax.axvline(0.0, color="0.8", lw=0.8, zorder=0)
         lo, hi = float(np.min(curve)), float(np.max(curve))
@@ -205,9 +201,16 @@ def plot_slices(ts, curves, ks, labels, loss0, partials, nudges, grad, path: Pat
             f"jax.grad   = {float(grad[k]):+.6f}"
         )
         ax.text(
-            0.03, 0.97, text, transform=ax.transAxes, va="top", ha="left", family="monospace",
-            fontsize=8, bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"},
-        )  # fmt: skip
+            0.03,
+            0.97,
+            text,
+            transform=ax.transAxes,
+            va="top",
+            ha="left",
+            family="monospace",
+            fontsize=8,
+            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"},
+        )
     axes[0].set_ylabel(r"loss $L = \frac{1}{2}\|r\|^2$")
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=3, fontsize=9, bbox_to_anchor=(0.5, -0.06))
@@ -216,10 +219,10 @@ def plot_slices(ts, curves, ks, labels, loss0, partials, nudges, grad, path: Pat
         fontsize=12,
     )
     fig.tight_layout()
-    _common.save_figure(fig, path)
+    return fig
 
 
-def plot_jacobian(matrix, labels, path: Path) -> None:
+def plot_jacobian(matrix, labels):
     """Heat map of J (N x P): rows observations, columns grouped by layer."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
@@ -229,9 +232,12 @@ def plot_jacobian(matrix, labels, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(min(3.0 + 0.22 * p, 16), min(2.5 + 0.14 * n, 9)))
     bound = float(np.max(np.abs(matrix))) or 1.0
     im = ax.imshow(
-        matrix, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -bound, bound),
+        matrix,
+        aspect="auto",
+        cmap="RdBu_r",
+        norm=TwoSlopeNorm(0.0, -bound, bound),
         interpolation="nearest",
-    )  # fmt: skip
+    )
     groups: list[tuple[str, int, int]] = []
     for k, label in enumerate(labels):
         name = leaf_of(label)
@@ -243,19 +249,24 @@ def plot_jacobian(matrix, labels, path: Path) -> None:
         if start:
             ax.axvline(start - 0.5, color="k", lw=1.2)
         ax.text(
-            (start + stop - 1) / 2, -0.9, name, ha="center", va="bottom", fontsize=9,
+            (start + stop - 1) / 2,
+            -0.9,
+            name,
+            ha="center",
+            va="bottom",
+            fontsize=9,
             clip_on=False,
-        )  # fmt: skip
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("parameter θ_k (columns in ravel order, grouped by layer)")
     ax.set_ylabel("observation i (x from -1 to 1)")
     ax.set_title(f"Jacobian of the outputs J = ∂f(x_i)/∂θ_k, shape (N, P) = ({n}, {p})", pad=22)
     fig.colorbar(im, ax=ax, label="∂f(x_i) / ∂θ_k", fraction=0.04, pad=0.02)
     fig.tight_layout()
-    _common.save_figure(fig, path)
+    return fig
 
 
-def plot_gradient_check(jt_r, grad, partials, path: Path) -> None:
+def plot_gradient_check(jt_r, grad, partials):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
@@ -271,14 +282,11 @@ def plot_gradient_check(jt_r, grad, partials, path: Path) -> None:
     ax.legend(fontsize=8, loc="upper left")
     ax.set_aspect("equal")
     fig.tight_layout()
-    _common.save_figure(fig, path)
+    return fig
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _common.parser(NAME, __doc__, seeds=5).parse_args(argv)
-    _common.use_agg()
-    out: Path = args.out
-    hidden, n = (6, 12) if args.quick else (16, 40)
+def run(cfg: dict, args, out: h.Output) -> str:
+    hidden, n = cfg["hidden"], cfg["n"]
     t_start = time.perf_counter()
 
     with jax.enable_x64(True):
@@ -299,8 +307,9 @@ def main(argv: list[str] | None = None) -> None:
         ts, curves = slices(loss_of, params, ks)
         loss0 = float(loss0)
 
-        hiddens = (4, 32, 256) if args.quick else (4, 16, 64, 256, 1024)
-        timings = cost_sweep(hiddens, n, repeats=5 if args.quick else 20, disable=args.no_progress)
+        timings = cost_sweep(
+            cfg["cost_widths"], n, repeats=cfg["repeats"], disable=args.no_progress
+        )
 
     # float32: the same nudges with the dtype-aware step of single precision.
     params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
@@ -318,21 +327,25 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = [
         {
-            "k": k, "label": label, "pb_partial": float(partials[k]), "pb_nudge": float(nudges[k]),
-            "jax_grad": float(grad[k]), "J_T_r": float(jt_r[k]),
+            "k": k,
+            "label": label,
+            "pb_partial": float(partials[k]),
+            "pb_nudge": float(nudges[k]),
+            "jax_grad": float(grad[k]),
+            "J_T_r": float(jt_r[k]),
             "partial_minus_grad": float(partials[k] - grad[k]),
             "nudge_minus_grad": float(nudges[k] - grad[k]),
             "pb_nudge_float32": float(nudges32[k]),
         }
         for k, label in enumerate(labels)
-    ]  # fmt: skip
-    _common.write_csv(out / "partials.csv", rows)
-    _common.write_csv(out / "seeds.csv", seeds)
-    _common.write_csv(out / "timings.csv", timings)
-    plot_slices(ts, curves, ks, labels, loss0, partials, nudges, grad, out / "slices.png")
-    plot_jacobian(np.asarray(jac.matrix), labels, out / "jacobian.png")
-    plot_gradient_check(jt_r, grad, partials, out / "gradient_check.png")
-    plot_cost(timings, out / "cost.png")
+    ]
+    out.csv("partials.csv", rows)
+    out.csv("seeds.csv", seeds)
+    out.csv("timings.csv", timings)
+    out.figure("slices.png", plot_slices(ts, curves, ks, labels, loss0, partials, nudges, grad))
+    out.figure("jacobian.png", plot_jacobian(np.asarray(jac.matrix), labels))
+    out.figure("gradient_check.png", plot_gradient_check(jt_r, grad, partials))
+    out.figure("cost.png", plot_cost(timings))
 
     worst_seed_partial = max(s["partial_vs_grad"] for s in seeds)
     worst_seed_nudge = max(s["nudge_vs_grad"] for s in seeds)
@@ -355,51 +368,51 @@ def main(argv: list[str] | None = None) -> None:
         "reverse mode gives the whole gradient for a small multiple of one."
     )
     table_cols = ["label", "pb_partial", "pb_nudge", "jax_grad", "J_T_r", "pb_nudge_float32"]
-    report = "\n".join(
-        [
-            "# Partial derivatives, ceteris paribus",
-            "",
-            f"1-{hidden}-1 tanh MLP at initialisation, N = {n} points of y = sin(3x), "
-            f"L = 1/2 ||r||^2 = {loss0:.6g}, P = {grad.size} parameters, float64. "
-            f"Run time {time.perf_counter() - t_start:.1f} s.",
-            "",
-            "## FINDING",
-            "",
-            finding,
-            "",
-            "## The loss along one parameter at a time",
-            "",
-            "![slices](slices.png)",
-            "",
-            "## Every partial derivative, three ways (and J^T r)",
-            "",
-            _common.markdown_table(rows, table_cols),
-            "",
-            "![gradient check](gradient_check.png)",
-            "",
-            "## Agreement over initialisations (max relative error vs jax.grad)",
-            "",
-            _common.markdown_table(seeds),
-            "",
-            "## The Jacobian of the outputs",
-            "",
-            f"J has shape (N, P) = {jac.shape}: row i is the gradient of f(x_i), column k says "
-            "how every output moves when θ_k alone moves.",
-            "",
-            "![jacobian](jacobian.png)",
-            "",
-            f"## Cost of all P partial derivatives (N = {n}, compile time apart, median run)",
-            "",
-            _common.markdown_table(timings),
-            "",
-            "![cost](cost.png)",
-            "",
-        ]
+    body = [
+        f"1-{hidden}-1 tanh MLP at initialisation, N = {n} points of y = sin(3x), "
+        f"L = 1/2 ||r||^2 = {loss0:.6g}, P = {grad.size} parameters, float64.",
+        "",
+        "## The loss along one parameter at a time",
+        "",
+        "![slices](slices.png)",
+        "",
+        "## Every partial derivative, three ways (and J^T r)",
+        "",
+        h.table(rows, table_cols),
+        "",
+        "![gradient check](gradient_check.png)",
+        "",
+        "## Agreement over initialisations (max relative error against jax.grad)",
+        "",
+        h.table(seeds),
+        "",
+        "## The Jacobian of the outputs",
+        "",
+        f"J has shape (N, P) = {jac.shape}: row i is the gradient of f(x_i), column k says how "
+        "every output moves when theta_k alone moves.",
+        "",
+        "![jacobian](jacobian.png)",
+        "",
+        f"## Cost of all P partial derivatives (N = {n}, compile time apart, median run)",
+        "",
+        h.table(timings),
+        "",
+        "![cost](cost.png)",
+    ]
+    return h.report(
+        "Partial derivatives, ceteris paribus",
+        __doc__,
+        name=NAME,
+        args=args,
+        seconds=time.perf_counter() - t_start,
+        finding=finding,
+        body=body,
     )
-    _common.write_text(out / "report.md", report)
-    print(finding)
-    print(f"wrote {out}/report.md, partials.csv, seeds.csv, timings.csv and 4 PNGs")
+
+
+FULL = {"hidden": 16, "n": 40, "cost_widths": (4, 16, 64, 256, 1024), "repeats": 20}
+QUICK = {"hidden": 6, "n": 12, "cost_widths": (4, 32, 256), "repeats": 5}
 
 
 if __name__ == "__main__":
-    main()
+    h.exit(h.main(NAME, __doc__, run, full=FULL, quick=QUICK, seeds=5))
