@@ -99,6 +99,9 @@ def test_every_quantity_equals_the_dense_twin(arch, loss_name, whole_batch):
             "norms": lin.per_example_grad_norms(),
             "dense": lin.dense(),
             "structured": lin.dense(structured=True),
+            "kernel": (ops := lin.kernel()).matrix,
+            "kernel vjp": ops.vjp_flat(u),
+            "kernel jvp": ops.jvp_flat(v),
         }
 
     got = everything(params)
@@ -119,6 +122,9 @@ def test_every_quantity_equals_the_dense_twin(arch, loss_name, whole_batch):
         "norms": jnp.linalg.norm(per_example, axis=1),
         "dense": jac,
         "structured": jac,
+        "kernel": jac @ jac.T,
+        "kernel vjp": jac.T @ u,
+        "kernel jvp": jac @ v,
     }
     for name in want:
         close(got[name], want[name], name)

@@ -282,40 +282,54 @@ class Structured:
             out[k] = flat.reshape(self.n, self.m, *shape)
         return out
 
-    def _kernel_parts(self):
-        """(factored factors [(x, d)], dense rows (N m, P')) of S J: enough for any kernel."""
+    def _derived_linear(self, uses: list):
+        """(jvp, transpose) of leaves -> the uses' derived parameters (example-free; for the
+        factored uses a pure rearrangement of each leaf)."""
+        evaluator = _jaxpr.Evaluator(self.analysis)
+        example = _first(self.batch)
+        full_taps = [jnp.zeros(u.out_aval.shape, u.out_aval.dtype) for u in self.analysis.uses]
+
+        def derived(leaves):
+            _, _, values = evaluator.evaluate(leaves, example, full_taps)
+            return [values[u.index] for u in uses]
+
+        _, forward = jax.linearize(derived, self.leaves)
+        return forward, jax.linear_transpose(forward, self.leaves)
+
+    def _stack(self, blocks: dict) -> tuple[jax.Array | None, list]:
+        """Per-leaf blocks (N, m, *leaf) -> one (N m, P') matrix and its [(leaf, size)]."""
+        if not blocks:
+            return None, []
+        index = [(k, int(np.size(self.leaves[k]))) for k in sorted(blocks)]
         nm = self.n * self.m
+        rows = jnp.concatenate([blocks[k].reshape(nm, -1) for k, _ in index], axis=1)
+        return rows, index
+
+    def kernel(self) -> Kernel:
+        """The factors of S J (see :class:`Kernel`): its Gram matrix, J^T u and J v."""
         if not self.factored_uses:
             # Every block is rows: the layers' output cotangents would be computed only to
             # rebuild per-example gradients, which reverse mode per example does directly.
-            blocks = list(self._columns(self.row_leaves + self.fallback).values())
-            rows = jnp.concatenate([b.reshape(nm, -1) for b in blocks], axis=1) if blocks else None
-            return [], rows
+            rows, index = self._stack(self._columns(self.row_leaves + self.fallback))
+            return Kernel(self, [], rows, index, None, None)
         signals = self.signals()
         factors = []
         for u in self.factored_uses:
-            i = self.tap_index[u.index]
-            layout = self.layouts[u.index]
-            factors.append((self._x(u, self.recorded), _factored.canonical_d(layout, signals[i])))
-        blocks = list(self._rows(signals, self.row_leaves, self.row_uses).values())
-        blocks += list(self._columns().values())
-        rows = None
-        if blocks:
-            rows = jnp.concatenate([b.reshape(nm, -1) for b in blocks], axis=1)
-        return factors, rows
+            d = _factored.canonical_d(self.layouts[u.index], signals[self.tap_index[u.index]])
+            factors.append((u, self._x(u, self.recorded), d))
+        blocks = self._rows(signals, self.row_leaves, self.row_uses)
+        blocks.update(self._columns())
+        rows, index = self._stack(blocks)
+        uses = [u for u, _, _ in factors]
+        uses += [self.bias_of[u.index] for u in uses if u.index in self.bias_of]
+        forward, transpose = self._derived_linear(uses)
+        return Kernel(self, factors, rows, index, forward, transpose)
 
     def ntk(self, other: Structured | None = None) -> jax.Array:
         """S J J'^T S'^T (N m, N' m), example-major; ``other`` another batch's backend of the
         same function (default: this one)."""
-        mine = self._kernel_parts()
-        theirs = mine if other is None else other._kernel_parts()
-        n2 = self.n if other is None else other.n
-        total = jnp.zeros((self.n * self.m, n2 * self.m), self.z.dtype)
-        for (x1, d1), (x2, d2) in zip(mine[0], theirs[0], strict=True):
-            total = total + _factored.kernel(x1, d1, x2, d2).astype(total.dtype)
-        if mine[1] is not None:
-            total = total + mine[1] @ theirs[1].T
-        return total
+        mine = self.kernel()
+        return mine.matrix(None if other is None else other.kernel())
 
     def dense_structured(self) -> jax.Array:
         """S J (N, m, P) assembled from the layers' factors (each block of rows by the layer's
@@ -400,3 +414,75 @@ class Structured:
         else:
             blocks = jax.lax.map(one, self.batch, batch_size=chunk_size)
         return self.whitening.blocks(blocks)
+
+
+class Kernel:
+    """S J of a batch held as factors: (x, d) per factored dense layer (with a column of ones
+    for a fused bias) and dense per-example rows for the other leaves.
+
+    The dual form of LM needs K = S J J^T S^T and then J^T alpha (and, to refine, J J^T p):
+    from the factors these cost a few matrix products and no further pass through the
+    network, where ``Linearization.vjp`` would run the network's backward pass again.
+    """
+
+    def __init__(self, owner: Structured, factors, rows, index, forward, transpose):
+        self.owner, self.factors, self.rows, self.index = owner, factors, rows, index
+        self._forward, self._transpose = forward, transpose
+
+    def matrix(self, other: Kernel | None = None) -> jax.Array:
+        """K (N m, N' m) against this batch (default) or another's kernel."""
+        theirs = self if other is None else other
+        n1, m = self.owner.n, self.owner.m
+        total = jnp.zeros((n1 * m, theirs.owner.n * m), self.owner.z.dtype)
+        for (_, x1, d1), (_, x2, d2) in zip(self.factors, theirs.factors, strict=True):
+            total = total + _factored.kernel(x1, d1, x2, d2).astype(total.dtype)
+        if self.rows is not None:
+            total = total + self.rows @ theirs.rows.T
+        return total
+
+    def vjp(self, u: jax.Array) -> list:
+        """(S J)^T u as leaves, for u (N, m)."""
+        owner = self.owner
+        leaves = [jnp.zeros_like(leaf) for leaf in owner.leaves]
+        if self.factors:
+            grads, bias = [], []
+            for use, x, d in self.factors:
+                layout = owner.layouts[use.index]
+                bcf = _factored.transpose_product(x, d, u.astype(x.dtype))
+                c = layout.sizes[1]
+                dtype = use.operand_avals[use.slot].dtype
+                grads.append(_factored.to_parameter_layout(layout, bcf[:, :c]).astype(dtype))
+                b = owner.bias_of.get(use.index)
+                if b is not None:
+                    shape = b.operand_avals[b.slot].shape
+                    bias.append(bcf[0, c].reshape(shape).astype(b.operand_avals[b.slot].dtype))
+            leaves = [a + g.astype(a.dtype) for a, g in
+                      zip(leaves, self._transpose(grads + bias)[0], strict=True)]  # fmt: skip
+        if self.rows is not None:
+            flat = self.rows.T @ u.reshape(-1).astype(self.rows.dtype)
+            start = 0
+            for k, size in self.index:
+                part = flat[start : start + size].reshape(np.shape(leaves[k]))
+                leaves[k] = leaves[k] + part.astype(leaves[k].dtype)
+                start += size
+        return leaves
+
+    def jvp(self, tangent_leaves: list) -> jax.Array:
+        """S J v (N, m) for v as leaves."""
+        owner = self.owner
+        out = jnp.zeros((owner.n, owner.m), owner.z.dtype)
+        if self.factors:
+            tangents = self._forward(list(tangent_leaves))
+            n_dot = len(self.factors)
+            bias_t = iter(tangents[n_dot:])
+            for (use, x, d), t in zip(self.factors, tangents[:n_dot], strict=True):
+                layout = owner.layouts[use.index]
+                v = _factored.to_canonical(layout, t).astype(x.dtype)
+                if use.index in owner.bias_of:
+                    row = next(bias_t).reshape(1, 1, -1).astype(x.dtype)
+                    v = jnp.concatenate([v, row], axis=1)
+                out = out + _factored.forward_product(x, d, v).astype(out.dtype)
+        if self.rows is not None:
+            flat = jnp.concatenate([jnp.ravel(tangent_leaves[k]) for k, _ in self.index])
+            out = out + (self.rows @ flat.astype(self.rows.dtype)).reshape(owner.n, owner.m)
+        return out

@@ -22,7 +22,7 @@ How J is reached depends on what the function tells (``Linearization.plan`` says
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +150,25 @@ class Linearization:
             return kernel
         return kernel[self._order][:, self._order]
 
+    def kernel(self, *, memory_budget: int | None = None) -> KernelOps:
+        """K = J J^T with the products that reuse what built it (see :class:`KernelOps`)."""
+        if isinstance(self._backend, Opaque):
+            jac = self._backend.dense(self._chunk(memory_budget))
+            jac = jac.reshape(-1, jac.shape[-1])
+            return KernelOps(self, jac @ jac.T, lambda u: jac.T @ u, lambda v: jac @ v)
+        kern = self._backend.kernel()
+
+        def vjp_flat(u):
+            return _concat(kern.vjp(self._from_user(u)))
+
+        def jvp_flat(v):
+            return self._to_user(kern.jvp(jax.tree.leaves(self._unravel(v))))
+
+        matrix = kern.matrix()
+        if self._order is not None:
+            matrix = matrix[self._order][:, self._order]
+        return KernelOps(self, matrix, vjp_flat, jvp_flat)
+
     def jtj_diag(self, *, memory_budget: int | None = None) -> PyTree:
         """diag(J^T J) shaped like ``params``: the squared column norms of J."""
         if isinstance(self._backend, Opaque):
@@ -198,7 +217,7 @@ class Linearization:
         return self.jvp(self._unravel(v))
 
     def vjp_flat(self, u: jax.Array) -> jax.Array:
-        return jnp.concatenate([jnp.ravel(g) for g in self._backend.vjp(self._from_user(u))])
+        return _concat(self._backend.vjp(self._from_user(u)))
 
     def jtj_diag_flat(self) -> jax.Array:
         return jnp.concatenate([jnp.ravel(d) for d in jax.tree.leaves(self.jtj_diag())])
@@ -213,6 +232,22 @@ class Linearization:
         return (
             f"Linearization(R={self.n_residuals}, P={self.n_params}, source={self.plan.source!r})"
         )
+
+
+class KernelOps(NamedTuple):
+    """K = J J^T (R, R) and flat products J^T u (P,) and J v (R,) computed from the same
+    factors (dense layers' inputs and output cotangents, per-example rows of the others): for
+    the dual form of LM, which needs K, then J^T alpha, and to refine J J^T p, without another
+    pass through the network for each."""
+
+    linearization: Any
+    matrix: jax.Array
+    vjp_flat: Callable[[jax.Array], jax.Array]
+    jvp_flat: Callable[[jax.Array], jax.Array]
+
+
+def _concat(leaves: list) -> jax.Array:
+    return jnp.concatenate([jnp.ravel(g) for g in leaves])
 
 
 def _leaves_like(tree: PyTree, treedef, leaves: list, *, where: str) -> list:

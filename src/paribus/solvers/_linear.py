@@ -220,28 +220,32 @@ def dual(model: Model, lam, d, min_norm: bool, options: DualOptions = DEFAULT_DU
     if d is not None:
         jac = model.jacobian()
         kernel = (jac / d[None, :]) @ jac.T
+        vjp = None
     else:
-        kernel = model.ntk()
+        # K and J^T alpha (and the refinement's J J^T p) from the same factors: no further pass
+        # through the network for each product.
+        ops = model.kernel()
+        kernel, vjp, jvp = ops.matrix, ops.vjp_flat, ops.jvp_flat
     eye = _eye_like(r.shape[0], kernel)
     if min_norm:
         alpha = _pinv_solve(kernel, r)
     elif d is None:
-        return _dual_refined(model, kernel, lam, options)
+        return _dual_refined(r, vjp, jvp, kernel, lam, options)
     else:
         alpha = _chol_solve(kernel + lam * eye, r)
     if d is None:
         # ||g||^2 = ||J^T r||^2 = r^T (J J^T) r from the kernel in hand: one pullback (J^T alpha)
         # per step instead of two.
         gnorm = jnp.sqrt(jnp.maximum(jnp.vdot(r, kernel @ r), 0))
-        delta = -model.vjp(alpha)
+        delta = -vjp(alpha)
     else:
         gnorm, delta = jnp.linalg.norm(jac.T @ r), -(jac.T @ alpha) / d
     return delta, -(kernel @ alpha), gnorm
 
 
-def _dual_refined(model: Model, kernel: jax.Array, lam, options: DualOptions):
-    """The D = I dual step of :func:`dual`: Cholesky, refined by PCG when lam is small."""
-    r = model.r
+def _dual_refined(r, vjp, jvp, kernel: jax.Array, lam, options: DualOptions):
+    """The D = I dual step of :func:`dual`: Cholesky, refined by PCG when lam is small.
+    ``vjp`` / ``jvp`` are the flat products with J (J^T u, J v)."""
     lam = jnp.asarray(lam, kernel.dtype)
     gnorm = jnp.sqrt(jnp.maximum(jnp.vdot(r, kernel @ r), 0))
     floor = rounding_floor(kernel)
@@ -252,7 +256,7 @@ def _dual_refined(model: Model, kernel: jax.Array, lam, options: DualOptions):
         return jsp.linalg.cho_solve(chol, s)
 
     alpha0 = precond(r)
-    w0 = model.vjp(alpha0)  # J^T alpha0: the step when lam is well above the floor
+    w0 = vjp(alpha0)  # J^T alpha0: the step when lam is well above the floor
     direct = (-w0, -(kernel @ alpha0))
     if options.max_steps == 0:
         return (*direct, gnorm)
@@ -275,8 +279,8 @@ def _dual_refined(model: Model, kernel: jax.Array, lam, options: DualOptions):
         sz_new = jnp.vdot(s, z)
         beta = jnp.where(k > 0, sz_new / jnp.where(sz != 0, sz, 1), 0)
         p = z + beta * p
-        jt_p = model.vjp(p)
-        k_p = model.jvp(jt_p)  # J J^T p, backward stable
+        jt_p = vjp(p)
+        k_p = jvp(jt_p)  # J J^T p, backward stable
         a_p = k_p + lam * p
         curv = jnp.vdot(p, a_p)
         step = jnp.where(curv > 0, sz_new / jnp.where(curv > 0, curv, 1), 0)

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 
 from paribus._linearize import Linearization, linearize
+from paribus._linearize.linearization import KernelOps
 from paribus._linearize._whiten import objective
 
 PyTree = Any
@@ -24,7 +25,8 @@ __all__ = ["Model", "build", "objective"]
 class Model(NamedTuple):
     """The least-squares model at theta: value L(theta), r, and flat products with J.
 
-    ``jacobian``, ``ntk`` and ``jtj_diag`` compute on each call (call each once per step).
+    ``jacobian``, ``ntk``, ``jtj_diag`` and ``kernel`` compute on each call (call each once
+    per step); ``kernel()`` is the NTK with J^T u and J v from the same factors.
     """
 
     value: jax.Array
@@ -34,6 +36,7 @@ class Model(NamedTuple):
     jacobian: Callable[[], jax.Array]
     ntk: Callable[[], jax.Array]
     jtj_diag: Callable[[], jax.Array]
+    kernel: Callable[[], KernelOps]
     n_params: int
     linearization: Linearization
 
@@ -50,6 +53,7 @@ def build(residual_fn, params: PyTree, batch: PyTree, loss=None, *, where: str) 
         jacobian=lin.dense,
         ntk=lin.ntk,
         jtj_diag=lin.jtj_diag_flat,
+        kernel=lin.kernel,
         n_params=lin.n_params,
         linearization=lin,
     )
