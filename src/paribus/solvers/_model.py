@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 import jax
 
 from paribus._linearize import Linearization, linearize
-from paribus._linearize.linearization import KernelOps
 from paribus._linearize._whiten import objective
+from paribus._linearize.linearization import KernelOps
 
 PyTree = Any
 
