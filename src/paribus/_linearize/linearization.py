@@ -421,7 +421,12 @@ def linearize(
     n = _batch_size(batch)
     p_total = _tree.num_params(params)
     if isinstance(residual_fn, PerExample):
-        if n is None or n == 0:
+        if n == 0:
+            raise ValueError(
+                f"{where}: the batch is empty (N = 0): shapes {jax.tree.map(np.shape, batch)}; "
+                "expected at least one example along the leading axis."
+            )
+        if n is None:
             raise ValueError(
                 f"{where}: a per-example residual function needs a batch whose arrays share a "
                 f"leading example axis N >= 1; got {jax.tree.map(np.shape, batch)}."
