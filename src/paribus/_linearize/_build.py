@@ -164,7 +164,7 @@ def linearize(
 
     Example:
       >>> import jax, jax.numpy as jnp, paribus as pb
-      >>> init, apply = pb.nets.mlp([1, 8, 1])
+      >>> init, apply = pb.nets.mlp([1, 16, 16, 1])
       >>> xs = jnp.linspace(-1, 1, 5)[:, None]
       >>> lin = pb.linearize(pb.regression_residuals(apply), init(jax.random.key(0)),
       ...                    (xs, jnp.sin(xs)))
