@@ -46,10 +46,14 @@ from paribus.residuals import (
 )
 from paribus.solvers import (
     GaussNewtonState,
+    HessianFreeState,
     LevenbergMarquardtState,
+    LineSearchState,
     StepInfo,
     gauss_newton,
+    hessian_free,
     levenberg_marquardt,
+    line_search,
 )
 
 try:
@@ -64,10 +68,12 @@ __all__ = [
     "FitResult",
     "FitState",
     "GaussNewtonState",
+    "HessianFreeState",
     "History",
     "Jacobian",
     "JacobianCheck",
     "LevenbergMarquardtState",
+    "LineSearchState",
     "Linearization",
     "PerExample",
     "Plan",
@@ -80,9 +86,11 @@ __all__ = [
     "gauss_newton",
     "ggn_operator",
     "ggn_vector_product",
+    "hessian_free",
     "jacobian",
     "jtj_diag",
     "levenberg_marquardt",
+    "line_search",
     "linearize",
     "loss",
     "loss_and_grad",

@@ -5,7 +5,9 @@ into it (-1: no Jacobian-based step).
 """
 
 from paribus.solvers._damping import RULES
+from paribus.solvers._hessian_free import HessianFreeState, hessian_free
 from paribus.solvers._info import REPAIRS, StepInfo, step_info
+from paribus.solvers._line_search import LineSearchState, line_search
 from paribus.solvers._linear import FORMS, SOLVES
 from paribus.solvers.gauss_newton import GaussNewtonState, gauss_newton
 from paribus.solvers.levenberg_marquardt import (
@@ -23,9 +25,13 @@ __all__ = [
     "SOLVES",
     "StepInfo",
     "GaussNewtonState",
+    "HessianFreeState",
     "LevenbergMarquardtState",
+    "LineSearchState",
     "gain_ratio",
     "gauss_newton",
+    "hessian_free",
     "levenberg_marquardt",
+    "line_search",
     "step_info",
 ]
