@@ -253,7 +253,7 @@ xs = jnp.asarray(xs[:n].reshape(n, 8, 8, 1), jnp.float32); labels = jnp.asarray(
 apply, params = cnn(jnp.float32)
 loss = pb.losses.softmax_cross_entropy()
 fn = pb.losses.network_outputs(apply, loss)
-opt = pb.levenberg_marquardt(loss=loss)
+opt = pb.levenberg_marquardt()
 t0 = time.perf_counter()
 result = pb.fit(fn, params, opt, (xs, labels), max_steps={3 if quick else 10})
 seconds = time.perf_counter() - t0

@@ -146,6 +146,10 @@ def test_fit_takes_the_loss_its_residual_function_carries():
     logits = jax.vmap(apply, (None, 0))(result.params, xs)
     expected = jnp.sum(jax.vmap(loss.value)(logits, labels))
     np.testing.assert_allclose(result.history.loss[-1], expected, rtol=1e-12)
+    # Given once, in the objective only: the solver linearises the objective and so uses it.
+    once = pb.fit(residual_fn, init(jax.random.key(0)), pb.levenberg_marquardt(), (xs, labels),
+                  max_steps=5)  # fmt: skip
+    np.testing.assert_allclose(once.history.loss, result.history.loss, rtol=1e-12)
     with pytest.raises(ValueError, match="give the loss once"):
         pb.fit(residual_fn, init(jax.random.key(0)), pb.levenberg_marquardt(), (xs, labels),
                max_steps=2, loss=pb.losses.sigmoid_binary_cross_entropy())  # fmt: skip
