@@ -146,6 +146,10 @@ def test_fit_takes_the_loss_its_residual_function_carries():
     logits = jax.vmap(apply, (None, 0))(result.params, xs)
     expected = jnp.sum(jax.vmap(loss.value)(logits, labels))
     np.testing.assert_allclose(result.history.loss[-1], expected, rtol=1e-12)
+    # Given once, in the objective only: the solver linearises the objective and so uses it.
+    once = pb.fit(residual_fn, init(jax.random.key(0)), pb.levenberg_marquardt(), (xs, labels),
+                  max_steps=5)  # fmt: skip
+    np.testing.assert_allclose(once.history.loss, result.history.loss, rtol=1e-12)
     with pytest.raises(ValueError, match="give the loss once"):
         pb.fit(residual_fn, init(jax.random.key(0)), pb.levenberg_marquardt(), (xs, labels),
                max_steps=2, loss=pb.losses.sigmoid_binary_cross_entropy())  # fmt: skip
@@ -293,3 +297,57 @@ def test_solver_update_refuses_a_state_not_its_own(case):
     opt, state, exception, pattern = SOLVER_STATE_ERRORS[case]
     with pytest.raises(exception, match=pattern):
         opt.update(None, state, FIT_PARAMS, residual_fn=FIT_RESIDUALS, batch=FIT_BATCH)
+
+
+# --- linearisation, Jacobians and curvature (issue 12) ---------------------------------------
+
+_MLP_INIT, _MLP_APPLY = pb.nets.mlp([2, 3, 1])
+_MLP = _MLP_INIT(jax.random.key(0))
+_EMPTY = (jnp.zeros((0, 2)), jnp.zeros((0, 1)))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: pb.jacobian(_MLP_APPLY, _MLP, _EMPTY[0]),
+        lambda: pb.ntk(_MLP_APPLY, _MLP, _EMPTY[0]),
+        lambda: pb.ggn_vector_product(pb.regression_residuals(_MLP_APPLY), _MLP, _EMPTY, _MLP),
+        lambda: pb.per_example_grad_norms(pb.regression_residuals(_MLP_APPLY), _MLP, _EMPTY),
+        lambda: pb.linearize(pb.regression_residuals(_MLP_APPLY), _MLP, _EMPTY),
+    ],
+    ids=["jacobian", "ntk", "ggn_vector_product", "per_example_grad_norms", "linearize"],
+)
+def test_empty_batch_is_a_clear_error(call):
+    with pytest.raises(ValueError, match=r"the batch is empty \(N = 0\)"):
+        call()
+
+
+def test_extra_parameter_leaf_beside_an_mlp_gets_zero_columns_and_its_labels():
+    """An extra leaf the network never reads: 2 zero columns, labelled, in every mode (the
+    structured mode used to shift columns and drop labels)."""
+    params = {**_MLP, "extra": jnp.array([1.0, 2.0])}
+    xs = jax.random.normal(jax.random.key(1), (4, 2))
+    for mode in ("structured", "per_example", "fwd"):
+        jac = pb.jacobian(_MLP_APPLY, params, xs, mode=mode)
+        assert jac.matrix.shape == (4, 15) and len(jac.labels) == 15
+        extra = [i for i, label in enumerate(jac.labels) if label.startswith("extra")]
+        np.testing.assert_array_equal(jac.matrix[:, extra], 0.0)
+    diag = pb.jtj_diag(_MLP_APPLY, params, xs)
+    np.testing.assert_array_equal(diag["extra"], 0.0)
+    fn = pb.regression_residuals(_MLP_APPLY)
+    gv = pb.ggn_vector_product(fn, params, (xs, jnp.zeros((4, 1))), params)
+    np.testing.assert_array_equal(gv["extra"], 0.0)
+    assert pb.linearize(fn, params, (xs, jnp.zeros((4, 1)))).plan.forms()["extra"] == "unused"
+
+
+def test_regression_residuals_of_a_dict_batch_says_to_pass_a_pair():
+    batch = {"x": jnp.ones((3, 2)), "y": jnp.ones((3, 1))}
+    with pytest.raises(TypeError, match=r"pair \(xs, ys\).*\(batch\['x'\], batch\['y'\]\)"):
+        pb.loss(pb.regression_residuals(_MLP_APPLY), _MLP, batch)
+
+
+def test_jacobian_honours_a_budget_given_with_an_explicit_chunk():
+    xs = jnp.ones((100, 2))
+    with pytest.raises(pb.memory.MemoryBudgetError, match="largest chunk that fits"):
+        pb.jacobian(_MLP_APPLY, _MLP, xs, chunk_size=10, memory_budget=11_000)
+    assert pb.jacobian(_MLP_APPLY, _MLP, xs, chunk_size=10, memory_budget=10**8).shape == (100, 13)

@@ -113,6 +113,11 @@ class Jacobian:
 def _spec(fn, params: PyTree, xs: PyTree, *, where: str) -> _Spec:
     _tree.check_float_params(params, where=where)
     n = _tree.leading_size(xs, where=where)
+    if n == 0:
+        raise ValueError(
+            f"{where}: the batch is empty (N = 0); expected at least one example along the "
+            "leading axis."
+        )
     x0 = jax.tree.map(lambda a: a[0], xs)
     out = jax.eval_shape(fn, params, x0)
     if not isinstance(out, jax.ShapeDtypeStruct) or not jnp.issubdtype(out.dtype, jnp.floating):
@@ -193,10 +198,14 @@ def jacobian(
     spec = spec._replace(mode=mode)
     flat, unravel = ravel_pytree(params)
     n, m = spec.n_examples, int(np.prod(spec.out_shape))
-    if chunk_size == "auto":
-        from paribus import memory
+    from paribus import memory
 
+    if chunk_size == "auto":
         chunk_size = memory.jacobian_chunk_size(n, m, flat.size, flat.dtype, budget=memory_budget)
+    elif memory_budget is not None:  # an explicit chunk (or None: all N) must fit it too
+        memory.check_jacobian_chunk_size(
+            chunk_size, n, m, flat.size, flat.dtype, budget=memory_budget
+        )
 
     def fn_flat(theta, x):
         return fn(unravel(theta), x).reshape(-1)

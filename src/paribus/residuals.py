@@ -95,6 +95,13 @@ def regression_residuals(apply: Callable[[PyTree, jax.Array], jax.Array]) -> Per
     """
 
     def example_fn(params: PyTree, example: tuple[jax.Array, jax.Array]) -> jax.Array:
+        if not (isinstance(example, tuple | list) and len(example) == 2):
+            raise TypeError(
+                "regression residuals: expected the batch as a pair (xs, ys) of arrays with a "
+                f"leading example axis; got one example of structure "
+                f"{jax.tree.structure(example)}. A dict batch {{'x': xs, 'y': ys}} becomes "
+                "(batch['x'], batch['y'])."
+            )
         x, y = example
         out = apply(params, x)
         if jnp.shape(out) != jnp.shape(y):

@@ -151,10 +151,13 @@ def resolve_loss(residual_fn, loss):
     return loss
 
 
-def check_loss_agrees(opt, loss) -> None:
+def check_loss_agrees(opt, loss, residual_fn=None) -> None:
     found, solver_loss = _solver_loss(opt)
     if not found or _same_loss(solver_loss, loss):
         return
+    carried = getattr(residual_fn, "loss", None)
+    if solver_loss is None and _is_loss(carried) and _same_loss(carried, loss):
+        return  # the solver linearises residual_fn, which carries this loss
     name = lambda x: None if x is None else getattr(x, "name", repr(x))  # noqa: E731
     raise ValueError(
         f"pb.fit: the optimiser was built with loss={name(solver_loss)!r} but pb.fit "

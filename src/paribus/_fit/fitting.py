@@ -180,7 +180,7 @@ def fit(
     size = max_steps + 1 if traced else ITERATOR_CHUNK
     schedule, data, stream, first = _schedule(batch, batch_indices, size)
     _checks.check_outputs(residual_fn, params, first, loss)
-    _checks.check_loss_agrees(opt, loss)
+    _checks.check_loss_agrees(opt, loss, residual_fn)
     shape_state = jax.eval_shape(opt.init, params)
     info_path = find_step_info(shape_state)
     fs, fresh = _checks.start_state(state, opt, params, shape_state, dtype)

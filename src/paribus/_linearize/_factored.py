@@ -102,6 +102,13 @@ def to_parameter_layout(layout: DotLayout, bcf: jnp.ndarray) -> jnp.ndarray:
     return jnp.transpose(bcf.reshape(grouped), tuple(int(i) for i in inverse))
 
 
+def to_canonical(layout: DotLayout, w: jnp.ndarray) -> jnp.ndarray:
+    """The derived parameter (its own shape) -> (B, C, F): the inverse of
+    :func:`to_parameter_layout`."""
+    b, c, _, f = layout.sizes
+    return jnp.transpose(w, layout.w_perm).reshape(b, c, f)
+
+
 def costs(layout: DotLayout, n: int, m: int) -> tuple[float, float]:
     """(factored, rows) flops of this use's share of the N m x N m kernel."""
     b, c, s, f = layout.sizes
@@ -130,6 +137,20 @@ def kernel(x1, d1, x2, d2) -> jnp.ndarray:
     gx = jnp.einsum("ibcs,kbct->ikbst", x1, x2)
     gd = jnp.einsum("ijbsf,klbtf->ijklbst", d1, d2)
     return jnp.einsum("ikbst,ijklbst->ijkl", gx, gd).reshape(n1 * m, n2 * m)
+
+
+def transpose_product(x, d, u) -> jnp.ndarray:
+    """J^T u restricted to the layer, (B, C, F): sum_(i,j,s) u_ij X_i[b,c,s] D_ij[b,s,f]."""
+    if x.shape[-1] == 1:
+        return jnp.einsum("ibc,ibf->bcf", x[..., 0], jnp.einsum("ij,ijbf->ibf", u, d[..., 0, :]))
+    return jnp.einsum("ibcs,ibsf->bcf", x, jnp.einsum("ij,ijbsf->ibsf", u, d))
+
+
+def forward_product(x, d, v) -> jnp.ndarray:
+    """J v restricted to the layer, (N, m): sum_(b,s,f) D_ij[b,s,f] sum_c X_i[b,c,s] V[b,c,f]."""
+    if x.shape[-1] == 1:
+        return jnp.einsum("ibf,ijbf->ij", jnp.einsum("ibc,bcf->ibf", x[..., 0], v), d[..., 0, :])
+    return jnp.einsum("ibsf,ijbsf->ij", jnp.einsum("ibcs,bcf->ibsf", x, v), d)
 
 
 def sq_norms(x, delta) -> jnp.ndarray:

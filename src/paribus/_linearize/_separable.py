@@ -452,7 +452,7 @@ def prove(residual_fn: Callable, params: Any, batch: Any, loss: Any) -> Proof:
         return Proof(None, None, "on one example the function does not return one row block")
     order = None
     if not output_loss and len(blocks) > 1:
-        from paribus._linearize.linearization import _leaf_major_order
+        from paribus._linearize._build import _leaf_major_order
 
         order = _leaf_major_order(n, blocks)
     return Proof(example_fn, order, "")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paribus._linearize import _factored, _jaxpr
+from paribus._linearize._kernel import Kernel
 from paribus._linearize._plan import LeafPlan
 from paribus._linearize._whiten import Whitening, whiten
 
@@ -282,40 +283,54 @@ class Structured:
             out[k] = flat.reshape(self.n, self.m, *shape)
         return out
 
-    def _kernel_parts(self):
-        """(factored factors [(x, d)], dense rows (N m, P')) of S J: enough for any kernel."""
+    def _derived_linear(self, uses: list):
+        """(jvp, transpose) of leaves -> the uses' derived parameters (example-free; for the
+        factored uses a pure rearrangement of each leaf)."""
+        evaluator = _jaxpr.Evaluator(self.analysis)
+        example = _first(self.batch)
+        full_taps = [jnp.zeros(u.out_aval.shape, u.out_aval.dtype) for u in self.analysis.uses]
+
+        def derived(leaves):
+            _, _, values = evaluator.evaluate(leaves, example, full_taps)
+            return [values[u.index] for u in uses]
+
+        _, forward = jax.linearize(derived, self.leaves)
+        return forward, jax.linear_transpose(forward, self.leaves)
+
+    def _stack(self, blocks: dict) -> tuple[jax.Array | None, list]:
+        """Per-leaf blocks (N, m, *leaf) -> one (N m, P') matrix and its [(leaf, size)]."""
+        if not blocks:
+            return None, []
+        index = [(k, int(np.size(self.leaves[k]))) for k in sorted(blocks)]
         nm = self.n * self.m
+        rows = jnp.concatenate([blocks[k].reshape(nm, -1) for k, _ in index], axis=1)
+        return rows, index
+
+    def kernel(self) -> Kernel:
+        """The factors of S J (see :class:`Kernel`): its Gram matrix, J^T u and J v."""
         if not self.factored_uses:
             # Every block is rows: the layers' output cotangents would be computed only to
             # rebuild per-example gradients, which reverse mode per example does directly.
-            blocks = list(self._columns(self.row_leaves + self.fallback).values())
-            rows = jnp.concatenate([b.reshape(nm, -1) for b in blocks], axis=1) if blocks else None
-            return [], rows
+            rows, index = self._stack(self._columns(self.row_leaves + self.fallback))
+            return Kernel(self, [], rows, index, None, None)
         signals = self.signals()
         factors = []
         for u in self.factored_uses:
-            i = self.tap_index[u.index]
-            layout = self.layouts[u.index]
-            factors.append((self._x(u, self.recorded), _factored.canonical_d(layout, signals[i])))
-        blocks = list(self._rows(signals, self.row_leaves, self.row_uses).values())
-        blocks += list(self._columns().values())
-        rows = None
-        if blocks:
-            rows = jnp.concatenate([b.reshape(nm, -1) for b in blocks], axis=1)
-        return factors, rows
+            d = _factored.canonical_d(self.layouts[u.index], signals[self.tap_index[u.index]])
+            factors.append((u, self._x(u, self.recorded), d))
+        blocks = self._rows(signals, self.row_leaves, self.row_uses)
+        blocks.update(self._columns())
+        rows, index = self._stack(blocks)
+        uses = [u for u, _, _ in factors]
+        uses += [self.bias_of[u.index] for u in uses if u.index in self.bias_of]
+        forward, transpose = self._derived_linear(uses)
+        return Kernel(self, factors, rows, index, forward, transpose)
 
     def ntk(self, other: Structured | None = None) -> jax.Array:
         """S J J'^T S'^T (N m, N' m), example-major; ``other`` another batch's backend of the
         same function (default: this one)."""
-        mine = self._kernel_parts()
-        theirs = mine if other is None else other._kernel_parts()
-        n2 = self.n if other is None else other.n
-        total = jnp.zeros((self.n * self.m, n2 * self.m), self.z.dtype)
-        for (x1, d1), (x2, d2) in zip(mine[0], theirs[0], strict=True):
-            total = total + _factored.kernel(x1, d1, x2, d2).astype(total.dtype)
-        if mine[1] is not None:
-            total = total + mine[1] @ theirs[1].T
-        return total
+        mine = self.kernel()
+        return mine.matrix(None if other is None else other.kernel())
 
     def dense_structured(self) -> jax.Array:
         """S J (N, m, P) assembled from the layers' factors (each block of rows by the layer's

@@ -56,8 +56,10 @@ def dual(model: Model, lam, d, min_norm: bool, options: DualOptions = DEFAULT_DU
     """
     r = model.r
     if d is None:
-        kernel = model.ntk()
-        jvp_s, vjp_s = model.jvp, model.vjp
+        # K, J^T u and J v from the same factors (layer inputs and output cotangents): no
+        # further pass through the network for J^T alpha or the refinement's products.
+        ops = model.kernel()
+        kernel, jvp_s, vjp_s = ops.matrix, ops.jvp_flat, ops.vjp_flat
         jt_r = None
     else:
         jac = model.jacobian()

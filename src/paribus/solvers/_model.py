@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from paribus._linearize import Linearization, linearize
 from paribus._linearize._whiten import kind, objective
+from paribus._linearize.linearization import KernelOps
 
 PyTree = Any
 
@@ -35,7 +36,9 @@ __all__ = ["Model", "build", "objective", "work_dtype"]
 class Model(NamedTuple):
     """The Gauss-Newton model at theta, flat, in the working dtype.
 
-    ``jacobian``, ``ntk`` and ``jtj_diag`` compute on each call (call each once per step).
+    ``jacobian``, ``ntk``, ``jtj_diag`` and ``kernel`` compute on each call (call each once
+    per step); ``kernel()`` is the NTK with J^T u and J v from the same factors (in the
+    working dtype).
 
     Attributes:
       value: L(theta) (the loss's own dtype).
@@ -53,6 +56,7 @@ class Model(NamedTuple):
     jacobian: Callable[[], jax.Array]
     ntk: Callable[[], jax.Array]
     jtj_diag: Callable[[], jax.Array]
+    kernel: Callable[[], KernelOps]
     n_params: int
     linearization: Linearization
 
@@ -60,6 +64,15 @@ class Model(NamedTuple):
 def work_dtype(dtype) -> jnp.dtype:
     """The dtype the solvers compute in for parameters of ``dtype``: float32 at least."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def _work_kernel(ops: KernelOps, work) -> KernelOps:
+    """``ops`` with its matrix and products in the working dtype."""
+    return ops._replace(
+        matrix=ops.matrix.astype(work),
+        vjp_flat=lambda u: ops.vjp_flat(u).astype(work),
+        jvp_flat=lambda v: ops.jvp_flat(v).astype(work),
+    )
 
 
 def clip_bound(dtype) -> float:
@@ -112,6 +125,7 @@ def build(residual_fn, params: PyTree, batch: PyTree, loss=None, *, where: str) 
         jacobian=lambda: lin.dense().astype(work),
         ntk=lambda: lin.ntk().astype(work),
         jtj_diag=lambda: lin.jtj_diag_flat().astype(work),
+        kernel=lambda: _work_kernel(lin.kernel(), work),
         n_params=lin.n_params,
         linearization=lin,
     )
