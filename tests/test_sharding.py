@@ -242,16 +242,16 @@ def test_dual_solve_and_cg_sharded(mesh, problem):
 def test_library_dual_step_sharded_bare_and_refined(mesh, problem):
     """pb's own dual step (factored model; Cholesky, and the PCG refinement forced at every lam)
     gives the same delta and J delta sharded as on one device, replicated."""
-    from paribus.solvers import _linear, _model
+    from paribus.solvers import _dual, _model
 
     apply, params, batch = problem
     residual_fn = pb.regression_residuals(apply)
-    forced = _linear.DualOptions(max_steps=20, tol=1e-12, switch=np.inf)
+    forced = _dual.DualOptions(max_steps=20, tol=1e-12, switch=np.inf)
 
     def steps(p, b):
         model = _model.build(residual_fn, p, b, where="test")
-        bare = _linear.dual(model, 1e-3, None, False, _linear.DualOptions(max_steps=0))
-        refined = _linear.dual(model, 1e-3, None, False, forced)
+        bare = _dual.dual(model, 1e-3, None, False, _dual.DualOptions(max_steps=0))
+        refined = _dual.dual(model, 1e-3, None, False, forced)
         return bare[:2], refined[:2]
 
     single = jax.jit(steps)(params, batch)
