@@ -91,10 +91,12 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
     fig.colorbar(im, ax=ax)
     path = _common.save_figure(fig, out, "01_jacobian.png")
 
+    print(f"picture in {path}")
+
     rel = abs(exact - nudged) / abs(exact)
     print(
         f"FINDING: nudging {k} agrees with the exact partial derivative to {rel:.1e} (relative); "
-        f"J^T r equals the gradient to {grad_gap:.1e}; picture in {path}"
+        f"J^T r equals the gradient to {grad_gap:.1e}"
     )
 
 
