@@ -6,8 +6,8 @@ solves (J^T J + lambda I) delta = -J^T r each step. Only the ``opt`` argument of
 changes between the runs below.
 
 Finding: on a small, smooth least-squares fit Levenberg-Marquardt reaches the target loss in
-tens of steps where first-order methods need thousands, and sooner in wall-clock time too,
-although each of its steps costs more.
+tens of steps, where Adam needs hundreds and plain gradient descent tens of thousands; although
+each of its steps costs far more, it is about as fast as Adam in wall-clock time, or faster.
 """
 
 from __future__ import annotations

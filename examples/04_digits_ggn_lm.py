@@ -10,8 +10,9 @@ residual function that returns the logits and the labels and carries its loss, a
 The data are scikit-learn's 8 x 8 handwritten digits (shipped with the package, nothing is
 downloaded); the network a 64-32-10 tanh MLP.
 
-Finding: full-batch GGN Levenberg-Marquardt fits a small digit classifier in a few dozen steps
-and reaches the test accuracy first-order training reaches in many more steps.
+Finding: full-batch GGN Levenberg-Marquardt drives a small digit classifier's training loss
+towards zero in tens of steps and reaches a test accuracy at least as high as Adam's after ten
+times as many steps; on a problem this small, Adam's cheap steps still take less time.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
         results[name] = (result, seconds, acc)
         print(
             f"{name:24s} {result.steps:4d} steps, {seconds:6.2f} s: mean training loss "
-            f"{mean_loss:.4f}, test accuracy {acc:.1%} ({result.stop_reason})"
+            f"{mean_loss:.2e}, test accuracy {acc:.1%} ({result.stop_reason})"
         )
 
     # --- The picture: training loss per step ---------------------------------------------------

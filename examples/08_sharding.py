@@ -16,7 +16,8 @@ machine, ask XLA for several host devices before JAX starts:
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/08_sharding.py
 
 Finding: Levenberg-Marquardt on a batch sharded over several devices takes the same steps as on
-one device, to rounding, and returns the parameters replicated on every device.
+one device, up to rounding (the sums over examples are taken in another order), and returns the
+parameters replicated on every device.
 """
 
 from __future__ import annotations
