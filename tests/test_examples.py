@@ -3,9 +3,10 @@ finding that says what its header says.
 
 Every script runs in its own process, as a user runs it (a clean JAX configuration: no x64 or
 rank-promotion settings from conftest, one CPU device), except the sharding example, which gets
-the eight host devices it is about. The scripts run two at a time, started together by one
-fixture, so the whole file costs about the slowest half of them. A new script without an entry
-in EXAMPLES fails ``test_every_example_is_checked``.
+the eight host devices it is about, and with warnings as errors (``python -W error``). The
+selected scripts run two at a time, started together by one fixture, so the whole file costs
+about half their sum. A new script without an entry in EXAMPLES fails
+``test_every_example_is_checked``.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def _env(xla_flags: str) -> dict:
 
 def _run(name: str, out: Path) -> subprocess.CompletedProcess:
     plot, _, xla_flags = EXAMPLES[name]
-    cmd = [sys.executable, str(EXAMPLES_DIR / f"{name}.py"), "--quick"]
+    cmd = [sys.executable, "-W", "error", str(EXAMPLES_DIR / f"{name}.py"), "--quick"]
     if plot:
         cmd += ["--out", str(out)]
     try:
@@ -117,11 +118,17 @@ def _run(name: str, out: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """name -> (future of the finished process, its --out folder); two scripts at a time."""
+def runs(request, tmp_path_factory):
+    """name -> (future of its finished process, its --out folder), for the examples selected in
+    this session (``-k`` runs only those); two scripts at a time."""
+    selected = sorted(
+        item.callspec.params["name"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_example_runs_quick"
+    )
     base = tmp_path_factory.mktemp("examples")
     pool = ThreadPoolExecutor(max_workers=2)
-    started = {name: (pool.submit(_run, name, base / name), base / name) for name in EXAMPLES}
+    started = {name: (pool.submit(_run, name, base / name), base / name) for name in selected}
     yield started
     pool.shutdown(wait=True)
 
