@@ -33,9 +33,11 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
     xs = jnp.linspace(-1.0, 1.0, n)[:, None]
     ys = jnp.sin(jnp.pi * xs)
     residual_fn = pb.regression_residuals(apply)  # r_i = apply(params, x_i) - y_i
-    loss = lambda p: pb.loss(residual_fn, p, (xs, ys))  # noqa: E731  (L = 1/2 ||r||^2)
 
-    # --- One weight, ceteris paribus -------------------------------------------------------
+    def loss(p):  # L = 1/2 ||r||^2, a function of the parameters alone
+        return pb.loss(residual_fn, p, (xs, ys))
+
+    # --- One weight, ceteris paribus --------------------------------------------------------------
     # Parameters are named by labels like "layers[0].w[0,1]": layer 0's weight from the input to
     # hidden unit 1. The loss is not quadratic in it (it sits inside the tanh), so the nudge's
     # central difference carries an O(h^2) error; h defaults to about eps^(1/3) = 6e-6.
@@ -45,7 +47,7 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
     nudged = float(pb.nudge(loss, params, k))
     print(f"dL/d{k}: exact {exact:+.12f}, nudged {nudged:+.12f}")
 
-    # --- The Jacobian of the network's outputs -----------------------------------------------
+    # --- The Jacobian of the network's outputs ----------------------------------------------------
     # One row per observation (m = 1 output here), one column per parameter.
     jac = pb.jacobian(apply, params, xs)
     J = np.asarray(jac.matrix)
@@ -65,7 +67,7 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
     col_gap = np.max(np.abs(J[:, col] - np.asarray(column_k)))
     print(f"column {col} ({k}) = pb.partial of all outputs: max difference {col_gap:.1e}")
 
-    # --- The gradient is J^T r --------------------------------------------------------------
+    # --- The gradient is J^T r --------------------------------------------------------------------
     # Here the residuals are outputs minus targets, so the residual Jacobian is J itself.
     value, grad, r = pb.loss_and_grad(residual_fn, params, (xs, ys))
     g = np.asarray(ravel_pytree(grad)[0])
@@ -73,7 +75,7 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
     grad_gap = np.max(np.abs(jtr - g)) / np.max(np.abs(g))
     print(f"L = {float(value):.6f}; J^T r vs the gradient: relative difference {grad_gap:.1e}")
 
-    # --- A picture of J -----------------------------------------------------------------------
+    # --- A picture of J ---------------------------------------------------------------------------
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.8))

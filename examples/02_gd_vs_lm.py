@@ -56,7 +56,7 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
             + ("" if reached else "  (target not reached)")
         )
 
-    # --- The picture: loss against steps, log-log ------------------------------------------
+    # --- The picture: loss against steps, log-log -------------------------------------------------
     import matplotlib.pyplot as plt
 
     fig, (ax, ax_fit) = plt.subplots(1, 2, figsize=(11, 4))
@@ -74,7 +74,7 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
     path = _common.save_figure(fig, out, "02_gd_vs_lm.png")
     print(f"picture in {path}")
 
-    # --- The finding ------------------------------------------------------------------------
+    # --- The finding ------------------------------------------------------------------------------
     parts = []
     for name in runs:
         result, seconds = runs[name]

@@ -43,14 +43,14 @@ def main(quick: bool = False):
     batch = (xs, ys)
     target = 0.5 * n * 0.01**2  # an RMS residual of 0.01
 
-    # --- Equinox: partition the module into arrays and the rest ------------------------------
+    # --- Equinox: partition the module into arrays and the rest -----------------------------------
     model = eqx.nn.MLP(2, 1, width_size=32, depth=2, activation=jnp.tanh, key=jax.random.key(0))
     eqx_params, static = eqx.partition(model, eqx.is_inexact_array)
 
     def eqx_apply(params, x):
         return eqx.combine(params, static)(x)
 
-    # --- Flax NNX: split the module into its graph and its parameters ------------------------
+    # --- Flax NNX: split the module into its graph and its parameters -----------------------------
     graphdef, nnx_params = nnx.split(FlaxNet(nnx.Rngs(0)), nnx.Param)
 
     def nnx_apply(params, x):

@@ -29,7 +29,7 @@ import paribus as pb
 
 
 def main(quick: bool = False, out=_common.DEFAULT_OUT):
-    # --- Data: pixels scaled to [0, 1], a stratified 75/25 split -----------------------------
+    # --- Data: pixels scaled to [0, 1], a stratified 75/25 split ----------------------------------
     digits = load_digits()
     x, y = (digits.data / 16.0).astype(np.float32), digits.target.astype(np.int32)
     x_train, x_test, y_train, y_test = train_test_split(
@@ -40,7 +40,7 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
     batch = (jnp.asarray(x_train), jnp.asarray(y_train))
     print(f"{len(x_train)} training and {len(x_test)} test images, 10 classes")
 
-    # --- The network and its objective -------------------------------------------------------
+    # --- The network and its objective ------------------------------------------------------------
     init, apply = pb.nets.mlp([64, 32, 10], "tanh")
     params = init(jax.random.key(0))
     loss = pb.losses.softmax_cross_entropy()  # summed over the examples
@@ -50,7 +50,7 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
         logits = jax.vmap(apply, (None, 0))(p, jnp.asarray(xs))
         return float(jnp.mean(jnp.argmax(logits, axis=1) == jnp.asarray(labels)))
 
-    # --- Train: LM for a few dozen steps, Adam for ten times as many -------------------------
+    # --- Train: LM for a few dozen steps, Adam for ten times as many ------------------------------
     # There are 10 N whitened residuals and P = 2,410 parameters: a dense solve would factor a
     # matrix of thousands of rows per step. The matrix-free form ("cg") instead runs conjugate
     # gradients on (G + lambda D) delta = -g, each G v costing a forward and a backward pass,
@@ -71,7 +71,7 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
             f"{mean_loss:.2e}, test accuracy {acc:.1%} ({result.stop_reason})"
         )
 
-    # --- The picture: training loss per step ---------------------------------------------------
+    # --- The picture: training loss per step ------------------------------------------------------
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))

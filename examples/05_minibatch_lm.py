@@ -27,14 +27,13 @@ import paribus as pb
 
 
 def main(quick: bool = False, out=_common.DEFAULT_OUT):
-    # --- A large noisy data set: y = sin(2 x0) cos(x1) + noise on N points -------------------
+    # --- A large noisy data set: y = sin(2 x0) cos(x1) + noise on N points ------------------------
     n = 5_000 if quick else 50_000
     kx, kn = jax.random.split(jax.random.key(0))
     xs = jax.random.uniform(kx, (n, 2), minval=-2.0, maxval=2.0)
     noise = 0.05
-    ys = (jnp.sin(2 * xs[:, 0]) * jnp.cos(xs[:, 1]))[:, None] + noise * jax.random.normal(
-        kn, (n, 1)
-    )
+    clean = jnp.sin(2 * xs[:, 0]) * jnp.cos(xs[:, 1])
+    ys = clean[:, None] + noise * jax.random.normal(kn, (n, 1))
     data = (xs, ys)
 
     init, apply = pb.nets.mlp([2, 32, 32, 1], "tanh")
@@ -42,7 +41,7 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
     residual_fn = pb.regression_residuals(apply)
     print(f"N = {n:,} examples, P = {pb.num_params(params):,} parameters")
 
-    # --- The schedule: shuffled minibatches of B examples, a fresh shuffle every epoch -------
+    # --- The schedule: shuffled minibatches of B examples, a fresh shuffle every epoch ------------
     batch_size = 256
     steps = 100 if quick else 600
     per_epoch = n // batch_size
@@ -58,9 +57,9 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
     def full_mse(p):
         return 2 * pb.loss(residual_fn, p, data) / n
 
-    # --- LM and Adam on the same minibatches ---------------------------------------------------
-    # With minibatches pb.fit has no divergence test (minibatch losses are not comparable) and
-    # stops only at max_steps, or on a non-finite loss.
+    # --- LM and Adam on the same minibatches ------------------------------------------------------
+    # With minibatches pb.fit has no divergence test: the losses of different minibatches are
+    # not comparable.
     methods = {
         "Levenberg-Marquardt": pb.levenberg_marquardt(),
         "Adam (lr 0.01)": optax.adam(0.01),
@@ -70,14 +69,17 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
         # The callback receives the parameters (on the host) every 10 steps; the full-data
         # loss is evaluated afterwards, outside the training loop.
         snapshots = []
-        pb.fit(
+        result = pb.fit(
             residual_fn, params, opt, data, max_steps=steps, batch_indices=batch_indices,
             callback=lambda progress, into=snapshots: into.append((progress.step, progress.params)),
             callback_every=10, callback_params=True,
         )  # fmt: skip
         curves[name] = np.array([(k, float(full_mse(p))) for k, p in snapshots])
-        finals[name] = curves[name][-1, 1]
-        print(f"{name:22s} full-data MSE {curves[name][0, 1]:.4f} -> {finals[name]:.4f}")
+        finals[name] = curves[name][-1, 1], result.steps
+        print(
+            f"{name:22s} {result.steps} steps ({result.stop_reason}), full-data MSE "
+            f"{curves[name][0, 1]:.4f} -> {finals[name][0]:.4f}"
+        )
 
     # --- The picture ------------------------------------------------------------------------------
     import matplotlib.pyplot as plt
@@ -92,10 +94,11 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
     path = _common.save_figure(fig, out, "05_minibatch_lm.png")
     print(f"picture in {path}")
 
-    lm, adam = finals["Levenberg-Marquardt"], finals["Adam (lr 0.01)"]
+    (lm, lm_steps), (adam, adam_steps) = finals["Levenberg-Marquardt"], finals["Adam (lr 0.01)"]
     print(
-        f"FINDING: after {steps} minibatch steps of {batch_size} examples, full-data MSE "
-        f"LM {lm:.4f}, Adam {adam:.4f} (noise variance {noise**2:.4f})"
+        f"FINDING: on minibatches of {batch_size} of {n:,} examples, full-data MSE LM {lm:.4f} "
+        f"after {lm_steps} steps, Adam {adam:.4f} after {adam_steps} (noise variance "
+        f"{noise**2:.4f})"
     )
 
 

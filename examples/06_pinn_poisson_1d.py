@@ -41,7 +41,7 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
     init, apply = pb.nets.mlp([1, width, 1], "tanh", dtype=jnp.float64)
     params = init(jax.random.key(0))
 
-    # --- The residual of one collocation point ----------------------------------------------
+    # --- The residual of one collocation point ----------------------------------------------------
     # An "example" is a point x, a flag saying whether it is on the boundary, and a weight that
     # makes each part of the loss an average (1/sqrt(N) per residual).
     def u(p, x):  # the network as a scalar function of a scalar input
@@ -70,7 +70,7 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
         u_test = jax.vmap(u, (None, 0))(p, x_test)
         return float(jnp.linalg.norm(u_test - exact(x_test)) / jnp.linalg.norm(exact(x_test)))
 
-    # --- LM and Adam from the same start ---------------------------------------------------------
+    # --- LM and Adam from the same start ----------------------------------------------------------
     lm_steps = 200 if quick else 400
     runs = {
         "Levenberg-Marquardt": (pb.levenberg_marquardt(), lm_steps),
@@ -86,7 +86,7 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
             f"({result.stop_reason})"
         )
 
-    # --- The picture: the solutions and their errors ---------------------------------------------
+    # --- The picture: the solutions and their errors ----------------------------------------------
     import matplotlib.pyplot as plt
 
     fig, (ax_u, ax_e) = plt.subplots(1, 2, figsize=(11, 4))

@@ -45,7 +45,7 @@ def main(quick: bool = False):
     residual_fn = pb.regression_residuals(apply)
     steps = 10 if quick else 30
 
-    # --- The same LM run twice: on one device, then with the batch split over all of them ------
+    # --- The same LM run twice: on one device, then with the batch split over all of them ---------
     single = pb.fit(residual_fn, params, pb.levenberg_marquardt(), (xs, ys), max_steps=steps)
 
     batch = pb.sharding.shard_batch((xs, ys), mesh)
@@ -56,7 +56,7 @@ def main(quick: bool = False):
     )
     sharded = pb.fit(residual_fn, placed, pb.levenberg_marquardt(), batch, max_steps=steps)
 
-    # --- Compare ---
+    # --- Compare ----------------------------------------------------------------------------------
     a = np.asarray(ravel_pytree(single.params)[0])
     b = np.asarray(ravel_pytree(sharded.params)[0])
     gap = np.max(np.abs(a - b)) / np.max(np.abs(a))
