@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ DEFAULT_OUT = Path("results/examples")
 
 def run(main, *, plot: bool) -> None:
     """``python examples/x.py [--quick] [--out DIR]`` -> ``main(quick=..., out=...)``."""
-    parser = argparse.ArgumentParser(description=(main.__module__ or "").strip())
+    doc = sys.modules[main.__module__].__doc__ or ""
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small run of a few seconds")
     if plot:
         parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the plot")
@@ -48,6 +50,10 @@ def save_figure(fig, out: Path, name: str) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out / name)
     except BaseException:
         os.unlink(tmp)
