@@ -139,6 +139,7 @@ def test_every_example_is_checked():
     assert all(f"{name}.py" in table for name in SCRIPTS), "examples/README.md lists every one"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_runs_quick(name: str, runs):
     future, out = runs[name]
