@@ -90,3 +90,26 @@ def test_delayed_gratification_rule():
     for rho, accepted, expected in [(0.9, True, 1 / 3), (0.01, True, 1 / 3), (-1.0, False, 2)]:
         new, _, _ = rule.update(lam, nu, radius, jnp.asarray(rho), jnp.asarray(accepted), 1.0)
         np.testing.assert_allclose(float(new), expected)
+
+
+def n_less_than_p(seed):
+    """1-32-1 tanh (P = 97) on 10 points of sin(3x): benchmarks/lm_defaults.py's N < P case."""
+    init, apply = pb.nets.mlp([1, 32, 1], "tanh")
+    xs = jnp.linspace(-1, 1, 10)[:, None]
+    params = init(jax.random.split(jax.random.key(0), 5)[seed])
+    return pb.regression_residuals(apply), params, (xs, jnp.sin(3 * xs))
+
+
+@pytest.mark.parametrize(
+    ("options", "max_trials"),
+    [
+        ({}, 180),  # measured 158 (seed 0); Gauss-Newton: 7
+        ({"init_damping": 1e-6, "geodesic": 0.75}, 30),  # measured 19 trials (38 evaluations)
+    ],
+)
+def test_n_less_than_p_interpolates(options, max_trials):
+    """Over-parameterised (N < P): loss < 1e-20 within the measured trials plus a margin."""
+    residual_fn, params, batch = n_less_than_p(0)
+    result = pb.fit(residual_fn, params, pb.levenberg_marquardt(**options), batch,
+                    max_steps=max_trials, target_loss=1e-20)  # fmt: skip
+    assert result.stop_reason == "target_loss", (result.steps, result.history.loss[-1])

@@ -167,7 +167,12 @@ def levenberg_marquardt(
         ``memory_budget`` bytes (default: half the device's free memory) or a factorisation
         would be larger than ``pb.solvers._linear.MAX_DENSE`` on a side. Chosen at trace
         time; its code is ``state.step_info.form``.
-      damping: "nielsen", "marquardt" or "trust_region" (see ``paribus.solvers._damping``).
+      damping: "nielsen", "marquardt", "delayed" or "trust_region" (see
+        ``paribus.solvers._damping``). The defaults (nielsen, identity scaling, lam0 = 1e-3
+        max diag(J^T J), no geodesic) were kept by ``benchmarks/lm_defaults.py``: no
+        alternative there did better on the MGH problems, an N < P and an N > P network
+        together in float64. Marquardt scaling was better in float32 and on the N > P network;
+        ``init_damping=1e-6, geodesic=0.75`` on the N < P one (see ``geodesic``).
       scaling: "identity" (D = I) or "marquardt" (D = running max of diag(J^T J), MINPACK,
         floored at ``scaling_floor`` times its largest entry).
       init_damping: lam0, absolute or (``init_damping_relative``) times max diag(J^T J) / D at
