@@ -9,7 +9,8 @@ Setup, one process, float64 then float32 (``--dtypes``):
 - The Moré-Garbow-Hillstrom problems of ``tests/zoo.py`` plus Broyden banded and Broyden
   tridiagonal (n = 10, f* = 0), from x0 and 10 x0. Solved: f = ||r||^2 within rtol (1e-6
   float64, 1e-3 float32) of a known minimum, or of MINPACK's final value from the same 10 x0
-  start (so MINPACK solves every 10 x0 start by construction), or f <= 1e-14 (float64) / 1e-10 (float32) where f* = 0.
+  start (so MINPACK solves every 10 x0 start by construction), or f <= 1e-14 (float64) /
+  1e-10 (float32) where f* = 0.
 - Networks with N < P: 1-32-1 tanh (P = 97) on 10 points of sin(3x), 5 seeds; solved: loss
   <= 1e-20 (float64) / 1e-10 (float32). N > P: 1-20-1 tanh (P = 61) on 2,000 points of
   sin(3x) + 0.3 cos(5x), 3 seeds; solved: f = 2 L <= 2e-4 (RMS residual 3e-4).
