@@ -7,6 +7,8 @@ Each rule maps (lam, nu, radius, rho, accepted, scaled step norm) to the next (l
   diag(J^T J) (relative). Accept when rho > 0.
 - ``"marquardt"`` (Marquardt 1963, as MATLAB's trainlm): x0.1 on accept, x10 on reject,
   lam0 = 1e-3 (absolute). Accept when the loss decreases (rho > 0).
+- ``"delayed"`` ("delayed gratification", Transtrum & Sethna 2012, sec. 4.1): lam /= 3 on
+  accept, lam *= 2 on reject; lam0 = 1e-3 max diag(J^T J) (relative). Accept when rho > 0.
 - ``"trust_region"`` (Moré 1978 radius rules, as MINPACK lmder with its factor 1/2): rho < 1/4
   -> radius = 1/2 min(radius, 10 ||D^1/2 delta||), lam *= 2; rho >= 3/4 -> radius =
   2 ||D^1/2 delta||, lam /= 2. Departure: MINPACK solves for the lam that puts the step on the
@@ -47,6 +49,11 @@ def _marquardt(lam, nu, radius, rho, accepted, snorm):
     return jnp.where(accepted, lam * 0.1, lam * 10), nu, radius
 
 
+def _delayed(lam, nu, radius, rho, accepted, snorm):
+    del rho, snorm
+    return jnp.where(accepted, lam / 3, lam * 2), nu, radius
+
+
 def _trust_region(lam, nu, radius, rho, accepted, snorm):
     del accepted
     shrink = rho < 0.25
@@ -62,6 +69,7 @@ def _trust_region(lam, nu, radius, rho, accepted, snorm):
 RULES = {
     "nielsen": Rule("nielsen", 1e-3, True, 0.0, _nielsen),
     "marquardt": Rule("marquardt", 1e-3, False, 0.0, _marquardt),
+    "delayed": Rule("delayed", 1e-3, True, 0.0, _delayed),
     "trust_region": Rule("trust_region", 1e-3, True, 1e-4, _trust_region),
 }
 

@@ -1,0 +1,115 @@
+"""Levenberg-Marquardt's damping options and defaults (issue 11 item 2; benchmarks/lm_defaults.py).
+
+float64 (conftest). The geodesic step is checked against its slow twin: dense J, a central
+finite difference for r_vv, and numpy solves.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from zoo import PROBLEMS
+
+import paribus as pb
+from paribus.solvers import _damping
+
+BY_NAME = {p.name: p for p in PROBLEMS}
+
+
+def residual_fn_of(problem):
+    return lambda x, batch: problem.residuals(x)
+
+
+def test_geodesic_step_is_velocity_plus_half_acceleration():
+    """delta = v + a / 2, v = -(J^T J + lam I)^-1 J^T r, a = -(J^T J + lam I)^-1 J^T r_vv."""
+    problem = BY_NAME["rosenbrock"]
+    x0 = jnp.array(problem.x0)
+    opt = pb.levenberg_marquardt(geodesic=10.0, init_damping=1.0)
+    step, state = opt.update(
+        None, opt.init(x0), x0, residual_fn=residual_fn_of(problem), batch=None
+    )
+    assert bool(state.step_info.accepted)
+
+    r = np.asarray(problem.residuals(x0))
+    J = np.asarray(jax.jacfwd(problem.residuals)(x0))
+    lam = 1.0 * np.max(np.sum(J**2, axis=0))
+    A = J.T @ J + lam * np.eye(2)
+    v = -np.linalg.solve(A, J.T @ r)
+    h = 1e-4
+    f = lambda t: np.asarray(problem.residuals(x0 + t * jnp.asarray(v)))  # noqa: E731
+    r_vv = (f(h) - 2 * f(0.0) + f(-h)) / h**2
+    a = -np.linalg.solve(A, J.T @ r_vv)
+    np.testing.assert_allclose(np.asarray(step), v + a / 2, rtol=1e-6)
+
+
+def test_geodesic_rejects_a_step_that_bends_too_far():
+    problem = BY_NAME["rosenbrock"]
+    x0 = jnp.array(problem.x0)
+    opt = pb.levenberg_marquardt(geodesic=1e-6, init_damping=1.0)
+    step, state = opt.update(
+        None, opt.init(x0), x0, residual_fn=residual_fn_of(problem), batch=None
+    )
+    assert not bool(state.step_info.accepted)
+    assert float(state.step_info.gain_ratio) == -np.inf
+    np.testing.assert_array_equal(np.asarray(step), 0.0)
+    assert float(state.damping) > 1.0 * float(state.step_info.damping)
+
+
+@pytest.mark.parametrize("name", ["bard", "meyer", "osborne1", "brown_dennis"])
+def test_geodesic_reaches_the_known_minimum(name):
+    problem = BY_NAME[name]
+    result = pb.fit(residual_fn_of(problem), jnp.array(problem.x0),
+                    pb.levenberg_marquardt(geodesic=0.75), None, max_steps=500)  # fmt: skip
+    f = 2 * result.history.loss[-1]
+    assert any(abs(f - m) <= 1e-6 * abs(m) for m in problem.minima), (f, result.stop_reason)
+    assert np.all(
+        np.diff(result.history.loss) <= 24 * np.finfo(float).eps * result.history.loss[:-1]
+    )
+
+
+@pytest.mark.parametrize("geodesic", [0.0, -1.0])
+def test_geodesic_must_be_positive(geodesic):
+    with pytest.raises(ValueError, match="geodesic"):
+        pb.levenberg_marquardt(geodesic=geodesic)
+
+
+def test_geodesic_refuses_a_robust_loss():
+    problem = BY_NAME["bard"]
+    opt = pb.levenberg_marquardt(geodesic=0.75, loss=pb.losses.huber(0.1))
+    x0 = jnp.array(problem.x0)
+    with pytest.raises(ValueError, match="geodesic"):
+        opt.update(None, opt.init(x0), x0, residual_fn=residual_fn_of(problem), batch=None)
+
+
+def test_delayed_gratification_rule():
+    """lam / 3 on every accepted step whatever rho, lam * 2 on every rejection."""
+    rule = _damping.RULES["delayed"]
+    lam, nu, radius = jnp.asarray(1.0), jnp.asarray(2.0), jnp.asarray(1.0)
+    for rho, accepted, expected in [(0.9, True, 1 / 3), (0.01, True, 1 / 3), (-1.0, False, 2)]:
+        new, _, _ = rule.update(lam, nu, radius, jnp.asarray(rho), jnp.asarray(accepted), 1.0)
+        np.testing.assert_allclose(float(new), expected)
+
+
+def n_less_than_p(seed):
+    """1-32-1 tanh (P = 97) on 10 points of sin(3x): benchmarks/lm_defaults.py's N < P case."""
+    init, apply = pb.nets.mlp([1, 32, 1], "tanh")
+    xs = jnp.linspace(-1, 1, 10)[:, None]
+    params = init(jax.random.split(jax.random.key(0), 5)[seed])
+    return pb.regression_residuals(apply), params, (xs, jnp.sin(3 * xs))
+
+
+@pytest.mark.parametrize(
+    ("options", "max_trials"),
+    [
+        ({}, 180),  # measured 158 (seed 0); Gauss-Newton: 7
+        ({"init_damping": 1e-6, "geodesic": 0.75}, 30),  # measured 19 trials (38 evaluations)
+    ],
+)
+def test_n_less_than_p_interpolates(options, max_trials):
+    """Over-parameterised (N < P): loss < 1e-20 within the measured trials plus a margin."""
+    residual_fn, params, batch = n_less_than_p(0)
+    result = pb.fit(residual_fn, params, pb.levenberg_marquardt(**options), batch,
+                    max_steps=max_trials, target_loss=1e-20)  # fmt: skip
+    assert result.stop_reason == "target_loss", (result.steps, result.history.loss[-1])
