@@ -197,7 +197,8 @@ def main() -> None:
         # timed while another job ran would otherwise lose to one timed in a quiet moment.
         for _ in range(rounds):
             for form, fn in fns.items():
-                run = _common.time_fn(fn, repeats=repeats)["run_s"]
+                reps = repeats if est[form].seconds < 0.5 else 2  # seconds-long updates
+                run = _common.time_fn(fn, repeats=reps)["run_s"]
                 times[form] = min(times[form], run)
         picked = auto_form(params, residual_fn, batch, loss)
         fastest = min(times, key=times.get)
@@ -211,8 +212,10 @@ def main() -> None:
         print({k: v for k, v in row.items()}, flush=True)
     notes = (
         f"dtype {jnp.dtype(dtype).name}; one jitted LM update per form (linearise, solve, trial "
-        f"loss, gain ratio), cg at cg_max_steps = 50; median of {repeats} runs, least of "
-        f"{rounds} rounds; est: the cost model's seconds; ratio: auto's time over the fastest."
+        f"loss, gain ratio), cg at cg_max_steps = 50; median of {repeats} runs (2 where "
+        f"estimated over 0.5 s), least of {rounds} rounds; est: the cost model's seconds; "
+        "ratio: auto's time over the fastest; blank: not timed (estimated over 2 s and 20x the "
+        "cheapest)."
     )
     print(_common.write_results(args.out, rows, title="solve='auto' against every form",
                                 notes=notes))  # fmt: skip

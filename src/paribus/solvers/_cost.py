@@ -1,33 +1,53 @@
 """How "auto" picks a solve form: the cheapest in estimated time among those that fit in memory.
 
-With R = N m rows, P parameters and W the flops of one forward pass of the batch (2 N sum_l
-q_l |theta_l| for the layers' parameters theta_l used at q_l positions: 2 N P for an MLP), one
-Levenberg-Marquardt update costs, besides what every form shares (linearising, the m backward
-passes that give the layers' output cotangents, the trial loss: about (4 + 2 m) W):
+With R = N m rows, P parameters and W the work of one forward pass of the batch (2 N sum_l
+q_l |theta_l| flops for the parameters theta_l used at q_l positions, 2 N P for an MLP, plus
+the activations), one Levenberg-Marquardt update costs, besides what every form shares
+(linearising, the m backward passes that give the layers' output cotangents, the trial loss:
+about (4 + 2 m) W):
 
-| form   | flops                                              | memory           |
-|--------|----------------------------------------------------|------------------|
-| primal | J by rows (2 R P) + J^T J (2 R P^2) + P^3 / 3      | R P + P^2        |
-| qr     | J + Householder QR of [J; sqrt(lam D)]: 2 (R + P) P^2 | (R + P) P     |
-| dual   | kernel J J^T (below) + R^3 / 3 + one VJP           | R^2 (+ R q P for "rows" leaves) |
-| cg     | k (JVP + VJP) = k c W, k = min(cg_max_steps, R, P) | O(R + P)         |
+| form   | flops                                                 | memory                   |
+|--------|-------------------------------------------------------|--------------------------|
+| primal | J (2 R P) + J^T J (2 R P^2) + Cholesky P^3 / 3        | R P + P^2                |
+| qr     | J + Householder QR of [J; sqrt(lam D)]: 2 (R + P) P^2 | (R + P) P                |
+| dual   | kernel J J^T (below) + Cholesky R^3 / 3 + one VJP     | R^2 (+ R |theta| "rows") |
+| cg     | k (JVP + VJP) ~ 4 k W, k = min(cg_max_steps, R, P)    | O(R + P)                 |
 
-The kernel comes from ``Linearization.plan``: a "factored" dense layer W (C x F) at q positions
-contributes 2 N^2 q^2 C + 2 R^2 q^2 F (its inputs' and cotangents' Gram products; a fused bias
-adds nothing), a "rows" leaf 2 R q |theta| + 2 R^2 |theta| (its per-example rows, then their
-products), a "columns" or "opaque" leaf |theta| forward passes and 2 R^2 |theta|.
+The kernel comes from ``Linearization.plan``: a "factored" dense layer (C x F, q positions)
+adds 2 N^2 q^2 C + 2 R^2 q^2 F (its inputs' and cotangents' Gram products; a fused bias adds
+nothing), a "rows" leaf 2 R q |theta| + 2 R^2 |theta| (its per-example rows, then their
+products), a "columns" or "opaque" leaf |theta| forward passes and 2 R^2 |theta|. Dense J
+(no plan) is the 2 R^2 P of J J^T.
 
-Flops become seconds at rates measured per operation kind (``benchmarks/solve_forms.py
---calibrate``; CPU, 2 cores shared with other jobs, float32): large matrix products, LAPACK
-factorisations (Cholesky, QR: a few times slower per flop), network passes (small per-example
-matrix products and elementwise maps), and a fixed cost per dispatched loop iteration (cg's
-``while_loop`` body). Measured: see :data:`CPU`. The choice is only as good as the ratios of
-these constants; it needs to tell apart forms whose costs differ by orders of magnitude (at the
-64-16-10 digits classifier, R = 14,370, P = 1,210: primal 1 s, cg 23 ms, dual 15 s per update).
+Flops become seconds at throughputs measured per kind of operation (:data:`CPU`): matrix
+products, Cholesky, QR, network passes (dense layers; convolutions apart, 25x slower per flop
+on the CPU), activations, and fixed costs per call and per cg iteration. Measured with
+``benchmarks/solve_forms.py`` (CPU, 2 cores shared with other jobs, float32; one jitted LM update;
+est: this model):
 
-cg is inexact (its step stops at ``cg_max_steps``) where the factorised forms are exact, so it
-is picked only when it is estimated at least :data:`CG_MARGIN` times cheaper than the cheapest
-factorised form that fits: then the per-update price of exactness is at most that factor.
+| case (R, P)                         | primal  | qr      | dual    | cg      | auto   |
+|-------------------------------------|---------|---------|---------|---------|--------|
+| digits 64-16-10 GGN (14,370, 1,210) | 1.7 s   | 6.0 s   | (40 s)  | 22 ms   | cg     |
+|   est                               | 0.58 s  | 1.2 s   | 40 s    | 25 ms   |        |
+| 1-64-64-1, N = 64 (64, 4,353)       | 2.7 s   |         | 0.28 ms | 1.8 ms  | dual   |
+|   est                               | 1.2 s   | 3.0 s   | 0.29 ms | 4.4 ms  |        |
+| 16-256-256-1, N = 256 (256, 70,401) |         |         | 4.3 ms  | 112 ms  | dual   |
+|   est                               | 4,700 s |         | 9.9 ms  | 0.2 s   |        |
+| 1-20-1 tanh, N = 2,000 (2,000, 61)  | 1.1 ms  | 1.3 ms  | 457 ms  | 4.1 ms  | primal |
+|   est                               | 0.63 ms | 0.85 ms | 119 ms  | 6.2 ms  |        |
+| CNN 3x3x8 + dense GGN (14,370, 1,370) | 2.3 s | 8.3 s   |         | 13.9 s  | primal |
+|   est                               | 0.96 s  | 1.8 s   | 41 s    | 5.7 s   |        |
+| CNN, N = 64 (640, 1,370)            | 129 ms  | 237 ms  | 22 ms   | 40 ms   | dual   |
+|   est                               | 78 ms   | 169 ms  | 16 ms   | 0.26 s  |        |
+
+Estimates are within about 3x of the measurements (the CNN's cg, whose convolutions slow down
+superlinearly with N inside the loop, within 6x), while the forms differ by 10x to 10^6x; in
+every case auto's form was the fastest measured.
+
+"auto" picks among dual (R < P), primal (R >= P) and cg; qr is estimated but never picked (see
+:func:`choose`). cg is inexact (its step stops at ``cg_max_steps``) where the factorised forms
+are exact, so it is picked only when estimated at least :data:`CG_MARGIN` times cheaper than
+the factorised form that fits: then the per-update price of exactness is at most that factor.
 """
 
 from __future__ import annotations
@@ -63,6 +83,8 @@ class Rates(NamedTuple):
       call: seconds of fixed cost per update.
       copy: bytes/s of writing a dense array (J, J^T J, the kernel).
       cg_pass: forward passes' worth of work per cg iteration (one JVP and one VJP).
+      cg_conv_pass: the same for a convolution, which XLA's CPU backend runs far slower inside
+        the ``while_loop`` body than in a straight-line pass.
     """
 
     gemm: float
@@ -75,6 +97,7 @@ class Rates(NamedTuple):
     call: float
     copy: float
     cg_pass: float
+    cg_conv_pass: float
 
 
 CPU = Rates(
@@ -88,6 +111,7 @@ CPU = Rates(
     call=1e-4,
     copy=3e9,
     cg_pass=4.0,
+    cg_conv_pass=8.0,
 )
 """Measured on the reference CPU (2 cores shared with other jobs, float32, jax 0.10;
 ``benchmarks/solve_forms.py --calibrate`` and the forward, JVP and VJP passes of its cases):
@@ -107,15 +131,19 @@ class Cost(NamedTuple):
 
 
 class Shape(NamedTuple):
-    """What the costs need from the network: N, m, the flops W of one forward pass of the batch,
-    the flops of the kernel J J^T, the parameters held as per-example rows (R x that many
-    numbers for the kernel), and the parameters whose J columns take forward passes."""
+    """What the costs need from the network: N, m, the flops W of one forward pass of the batch
+    (in network-rate flops), its convolutions' share of W, the flops of the kernel J J^T, the
+    parameters held as per-example rows (R x that many numbers for the kernel), the work of
+    forming those rows (for diag(J^T J)), and the parameters whose J columns take forward
+    passes."""
 
     n: int
     m: int
     forward: float
+    conv: float
     kernel: float
     row_params: int
+    row_work: float
     column_params: int
 
 
@@ -147,16 +175,18 @@ def shape_of(plan, n_res: int, n_params: int, rates: Rates = None) -> Shape:
     rates = CPU if rates is None else rates
     if plan is None or plan.n_examples is None or not plan.leaves:
         n = max(1, n_res)
-        return Shape(n, 1, 2.0 * n * n_params, 2.0 * n * n * n_params, 0, n_params)
+        return Shape(n, 1, 2.0 * n * n_params, 0.0, 2.0 * n * n * n_params, 0, 0.0, n_params)
     n, m = int(plan.n_examples), int(plan.n_outputs)
     r = n * m
-    forward = kernel = 0.0
+    forward = conv_share = kernel = row_work = 0.0
     rows = columns = 0
     for leaf in plan.leaves:
         size, q = leaf.size, _positions(leaf.uses, leaf.shape)
         f = leaf.shape[-1] if leaf.shape else 1
         conv = bool(leaf.uses) and leaf.uses[0].startswith("conv")
-        forward += 2.0 * n * q * size * (rates.network / rates.conv if conv else 1.0)
+        slow = rates.network / rates.conv if conv else 1.0
+        forward += 2.0 * n * q * size * slow
+        conv_share += 2.0 * n * q * size * slow if conv else 0.0
         if len(leaf.shape) > 1:  # a weight: its outputs go through an activation
             forward += rates.elementwise * n * q * f
         if leaf.form == "factored":
@@ -166,10 +196,11 @@ def shape_of(plan, n_res: int, n_params: int, rates: Rates = None) -> Shape:
         elif leaf.form == "rows":
             kernel += 2.0 * r * q * size + 2.0 * r * r * size
             rows += size
+            row_work += 2.0 * r * q * size * slow
         elif leaf.form in ("columns", "opaque"):
             kernel += 2.0 * r * r * size
             columns += size
-    return Shape(n, m, forward, kernel, rows, columns)
+    return Shape(n, m, forward, conv_share, kernel, rows, row_work, columns)
 
 
 def estimate(
@@ -223,10 +254,13 @@ def estimate(
         kern + r**3 / 3,
     )
     k = float(min(cg_max_steps, n_res + 1, n_params + 1))
+    # One JVP and one VJP per step (cg_pass forward passes; a convolution's inside the loop
+    # body measured cg_conv_pass), and diag(J^T J) for the Jacobi scaling once.
+    per_step = rates.cg_pass * (w - s.conv) + rates.cg_conv_pass * s.conv
     out["cg"] = Cost(
-        seconds(network=k * rates.cg_pass * w + 10 * k * (r + p), iterations=k),
+        seconds(network=k * per_step + 10 * k * (r + p) + s.row_work, iterations=k),
         10 * (r + p) * itemsize,
-        k * rates.cg_pass * w,
+        k * per_step,
     )
     return out
 
@@ -251,7 +285,9 @@ def choose(
     # The factorised form on the side where its matrix can be nonsingular: J J^T (R x R) has
     # rank at most P, so for R > P its Cholesky rounds away every digit once lam is small (Meyer,
     # R = 16, P = 3: dual stalls at f = 94.46, tests/test_zoo.py); J^T J likewise for R < P.
-    side = {"dual": n_res} if n_res < n_params else {"primal": n_params, "qr": n_params}
+    # qr is not a candidate: it does at least primal's flops (2 (R + P) P^2 against
+    # 2 R P^2 + P^3 / 3), and primal switches to it by itself when its Cholesky is not trusted.
+    side = {"dual": n_res} if n_res < n_params else {"primal": n_params}
     dense = [f for f in side if costs[f].bytes <= budget and side[f] <= MAX_DENSE]
     if not dense:
         return "cg"
