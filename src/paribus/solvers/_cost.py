@@ -65,8 +65,6 @@ CG_MARGIN = 1.5
 DEFAULT_CG_STEPS = 50
 """cg's iteration cap when the caller does not say (``CGOptions.max_steps``)."""
 
-FORMS = ("primal", "qr", "dual", "cg")
-
 
 class Rates(NamedTuple):
     """Throughputs and fixed costs of a machine (measured, see the module docstring).
@@ -166,7 +164,7 @@ def _positions(uses: tuple[str, ...], shape: tuple[int, ...]) -> int:
     return max(1, out // max(1, shape[-1]))
 
 
-def shape_of(plan, n_res: int, n_params: int, rates: Rates = None) -> Shape:
+def shape_of(plan, n_res: int, n_params: int, rates: Rates | None = None) -> Shape:
     """The :class:`Shape` of a linearisation from its plan (a dense twin when plan is None).
 
     ``Shape.forward`` is in seconds' worth of network flops at ``rates.network``: convolutions
