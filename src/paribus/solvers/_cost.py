@@ -27,22 +27,23 @@ est: this model):
 
 | case (R, P)                         | primal  | qr      | dual    | cg      | auto   |
 |-------------------------------------|---------|---------|---------|---------|--------|
-| digits 64-16-10 GGN (14,370, 1,210) | 1.7 s   | 6.0 s   | (40 s)  | 22 ms   | cg     |
+| digits 64-16-10 GGN (14,370, 1,210) | 1.9 s   | 5.2 s   | (15 s)  | 21 ms   | cg     |
 |   est                               | 0.58 s  | 1.2 s   | 40 s    | 25 ms   |        |
-| 1-64-64-1, N = 64 (64, 4,353)       | 2.7 s   |         | 0.28 ms | 1.8 ms  | dual   |
+| 1-64-64-1, N = 64 (64, 4,353)       | 2.4 s   |         | 0.33 ms | 2.0 ms  | dual   |
 |   est                               | 1.2 s   | 3.0 s   | 0.29 ms | 4.4 ms  |        |
-| 16-256-256-1, N = 256 (256, 70,401) |         |         | 4.3 ms  | 112 ms  | dual   |
+| 16-256-256-1, N = 256 (256, 70,401) |         |         | 4.1 ms  | 107 ms  | dual   |
 |   est                               | 4,700 s |         | 9.9 ms  | 0.2 s   |        |
-| 1-20-1 tanh, N = 2,000 (2,000, 61)  | 1.1 ms  | 1.3 ms  | 457 ms  | 4.1 ms  | primal |
+| 1-20-1 tanh, N = 2,000 (2,000, 61)  | 1.1 ms  | 1.5 ms  | 400 ms  | 3.8 ms  | primal |
 |   est                               | 0.63 ms | 0.85 ms | 119 ms  | 6.2 ms  |        |
-| CNN 3x3x8 + dense GGN (14,370, 1,370) | 2.3 s | 8.3 s   |         | 13.9 s  | primal |
-|   est                               | 0.96 s  | 1.8 s   | 41 s    | 5.7 s   |        |
-| CNN, N = 64 (640, 1,370)            | 129 ms  | 237 ms  | 22 ms   | 40 ms   | dual   |
-|   est                               | 78 ms   | 169 ms  | 16 ms   | 0.26 s  |        |
+| CNN 3x3x8 + dense GGN (14,370, 1,370) | 2.4 s | 5.2 s   |         | 9.7 s   | primal |
+|   est                               | 0.96 s  | 1.8 s   | 41 s    | 3.9 s   |        |
+| CNN, N = 64 (640, 1,370)            | 232 ms  | 408 ms  | 12 ms   | 37 ms   | dual   |
+|   est                               | 78 ms   | 169 ms  | 16 ms   | 176 ms  |        |
 
-Estimates are within about 3x of the measurements (the CNN's cg, whose convolutions slow down
-superlinearly with N inside the loop, within 6x), while the forms differ by 10x to 10^6x; in
-every case auto's form was the fastest measured.
+Blank: not timed (dual at the digits classifier: 15 s as measured on the issue). Estimates are
+within about 3x of the measurements (the CNN's cg within 5x: its convolutions slow down more than
+linearly in N inside the loop), while the forms differ by 10x to 10^6x; in every case auto's
+form was the fastest measured.
 
 "auto" picks among dual (R < P), primal (R >= P) and cg; qr is estimated but never picked (see
 :func:`choose`). cg is inexact (its step stops at ``cg_max_steps``) where the factorised forms
