@@ -96,7 +96,8 @@ def setup(residual_fn, params, batch, loss, solve, budget, *, where: str) -> Set
         return unravel_own(v.astype(flat.dtype))
 
     itemsize = np.dtype(work).itemsize
-    form = _cost.choose(solve, int(model.r.shape[0]), flat.size, itemsize, budget)
+    form = _cost.choose(solve, int(model.r.shape[0]), flat.size, itemsize, budget,
+                        model.linearization.plan)  # fmt: skip
     return Setup(model, form, flat.astype(work), unravel, lift)
 
 
