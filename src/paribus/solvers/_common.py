@@ -79,7 +79,9 @@ def lift_fn(params: PyTree) -> Callable[[PyTree], PyTree]:
     return lift
 
 
-def setup(residual_fn, params, batch, loss, solve, budget, *, where: str) -> Setup:
+def setup(
+    residual_fn, params, batch, loss, solve, budget, *, where: str, cg_max_steps: int = 50
+) -> Setup:
     """The model at params and the solve form for its sizes (see :class:`Setup`)."""
     if budget is None:
         from paribus import memory
@@ -97,7 +99,7 @@ def setup(residual_fn, params, batch, loss, solve, budget, *, where: str) -> Set
 
     itemsize = np.dtype(work).itemsize
     form = _cost.choose(solve, int(model.r.shape[0]), flat.size, itemsize, budget,
-                        model.linearization.plan)  # fmt: skip
+                        model.linearization.plan, cg_max_steps=cg_max_steps)  # fmt: skip
     return Setup(model, form, flat.astype(work), unravel, lift)
 
 

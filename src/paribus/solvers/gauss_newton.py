@@ -75,7 +75,16 @@ def gauss_newton(
 
     def update_fn(updates, state, params=None, *, residual_fn=None, batch=None, **extra):
         del updates, extra
-        work = _common.setup(residual_fn, params, batch, loss, solve, memory_budget, where=where)
+        work = _common.setup(
+            residual_fn,
+            params,
+            batch,
+            loss,
+            solve,
+            memory_budget,
+            where=where,
+            cg_max_steps=cg_options.max_steps,
+        )
         model, form = work.model, work.form
         dt = model.r.dtype
         _common.check_state(state, GaussNewtonState, n_params=work.flat.size, dtype=dt,

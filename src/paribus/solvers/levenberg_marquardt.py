@@ -163,9 +163,12 @@ def levenberg_marquardt(
       solve: "primal" (Cholesky of J^T J + lam D), "qr" (QR of [J; sqrt(lam D)], for
         ill-conditioned float64 problems), "dual" (Cholesky of J D^-1 J^T + lam I, then one
         J^T product; R x R, for R < P), "cg" (matrix-free, Jacobi-preconditioned), or "auto":
-        dual when R < P, primal when P is small, cg when the dense form exceeds
+        the cheapest by estimated time (``paribus.solvers._cost``: flops of each form from R,
+        P, the linearisation's plan and cg_max_steps, at rates measured on a CPU) among the
+        factorised form of the nonsingular side (dual when R < P, else primal) and cg (taken
+        only when 1.5x cheaper: its step is inexact); cg when the dense form exceeds
         ``memory_budget`` bytes (default: half the device's free memory) or a factorisation
-        would be larger than ``pb.solvers._linear.MAX_DENSE`` on a side. Chosen at trace
+        would be larger than ``paribus.solvers._cost.MAX_DENSE`` on a side. Chosen at trace
         time; its code is ``state.step_info.form``.
       damping: "nielsen", "marquardt", "delayed" or "trust_region" (see
         ``paribus.solvers._damping``). The defaults (nielsen, identity scaling, lam0 = 1e-3
@@ -250,7 +253,16 @@ def levenberg_marquardt(
 
     def update_fn(updates, state, params=None, *, residual_fn=None, batch=None, **extra):
         del updates, extra
-        work = _common.setup(residual_fn, params, batch, loss, solve, memory_budget, where=where)
+        work = _common.setup(
+            residual_fn,
+            params,
+            batch,
+            loss,
+            solve,
+            memory_budget,
+            where=where,
+            cg_max_steps=cg_options.max_steps,
+        )
         model, form = work.model, work.form
         dt = model.r.dtype
         _common.check_state(state, LevenbergMarquardtState, n_params=work.flat.size, dtype=dt,
