@@ -97,27 +97,7 @@ def setup(residual_fn, params, batch, loss, solve, budget, *, where: str) -> Set
 
     itemsize = np.dtype(work).itemsize
     form = _cost.choose(solve, int(model.r.shape[0]), flat.size, itemsize, budget)
-    if form in ("primal", "qr"):
-        model = _dense_once(model)
     return Setup(model, form, flat.astype(work), unravel, lift)
-
-
-def _dense_once(model: _model.Model) -> _model.Model:
-    """``model`` whose J and diag(J^T J) come from one J, for a whole-batch linearisation.
-
-    There J is built from P JVPs (or R VJPs) each time it is asked for, and Levenberg-Marquardt
-    asks again for diag(J^T J) (its first damping, inside a ``lax.cond``, where XLA cannot share
-    the work): 6 of the 72 kernels XLA compiled for ``pb.fit`` with LM on a 3-parameter fit.
-    diag(J^T J) here is the backend's own reduction of the same J: the same numbers. A
-    per-example linearisation reads diag(J^T J) from its layers, cheaper than J: left alone.
-    """
-    lin = model.linearization
-    if lin.plan.source not in ("opaque", "no_batch") or lin.r.dtype != model.r.dtype:
-        return model
-    jac = model.jacobian()
-    n, m = lin.plan.n_examples, lin.plan.n_outputs
-    diag = jnp.sum(jnp.square(jac.reshape(n, m, -1)), axis=(0, 1))
-    return model._replace(jacobian=lambda: jac, jtj_diag=lambda: diag)
 
 
 def check_state(state, expected: type, *, n_params: int, dtype, where: str) -> None:
