@@ -64,7 +64,7 @@ class Opaque:
         if n_params <= n_rows:
 
             def column(k):
-                e = jnp.zeros((n_params,), dtype).at[k].set(1)
+                e = (jnp.arange(n_params) == k).astype(dtype)  # a compare, not a scatter
                 parts = jnp.split(e, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else [e]
                 tangent = [p.reshape(np.shape(leaf)).astype(leaf.dtype)
                            for p, leaf in zip(parts, self.leaves, strict=True)]  # fmt: skip
@@ -74,7 +74,7 @@ class Opaque:
             return jnp.moveaxis(cols, 0, -1)
 
         def row(q):
-            e = jnp.zeros((n_rows,), dtype).at[q].set(1).reshape(self.n, self.m)
+            e = (jnp.arange(n_rows) == q).astype(dtype).reshape(self.n, self.m)
             return jnp.concatenate([jnp.ravel(g) for g in self.vjp(e)])
 
         rows = _map(row, jnp.arange(n_rows), chunk_size)  # (R' m', P)
