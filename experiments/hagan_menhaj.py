@@ -21,7 +21,10 @@ grid's best point (most seeds at the goal, then fewest median iterations) is rep
 iteration from the harness's compiled run of seed 0; time to goal = iterations x that. Every LM
 trial counts as an iteration (trainlm counts accepted steps as epochs; both are reported).
 
-Finding (default run, 20 seeds): FINDING_PLACEHOLDER
+Finding (the default run of 2026-11-26, before the port to the harness, quoted in the README; the
+port kept the setup): LM with trainlm's
+constants reaches SSE 0.02 on 20/20 seeds in 5.9 ms (median), 3-9x faster than L-BFGS, nonlinear
+CG and Adam; steepest descent and variable-rate backprop do not reach it in 40,000 steps.
 
     python experiments/hagan_menhaj.py            # a few minutes on 2 CPU cores
     python experiments/hagan_menhaj.py --quick    # seconds (CI)

@@ -16,7 +16,11 @@ harness's ``time_call``): every mode of ``pb.jacobian`` on a 4-H-H-1 tanh MLP, f
 and N growing, then with N = 256 and H growing; a mode whose estimated work exceeds a budget is
 skipped.
 
-Finding (default run, 8 seeds): FINDING_PLACEHOLDER
+Finding (the default run of 2026-11-26, before the port to the harness, quoted in the README; the
+port kept the setup): the rows of J are the
+per-example gradients, its columns the partial derivatives, J^T r the gradient and sigma(J)^2 the
+NTK's eigenvalues, all to 2e-16; reverse mode over the whole batch is about 1,000x slower than
+per-example rows at N = 1,024.
 
     python experiments/jacobian_anatomy.py            # a few minutes on 2 CPU cores
     python experiments/jacobian_anatomy.py --quick    # seconds (CI)

@@ -21,7 +21,10 @@ The relative L2 error ||u_theta - u*|| / ||u*|| on a 101 x 101 grid is traced al
 ``pb.fit``'s callback; its time axis is steps x the time per step of the same run without a
 callback (compile excluded); "equal wall-clock" compares every method at the end of the shortest.
 
-Finding (default run, 3 seeds): FINDING_PLACEHOLDER
+Finding (the default run of 2026-11-26, before the port to the harness, quoted in the README; the
+port kept the setup): Gauss-Newton with a line
+search reaches a relative L2 error of 4.5e-7 (median of 3 seeds) in 5 s and LM 1.7e-5 in 1.7 s,
+while Adam stays at 3.7e-3 after 27 s, as Mueller & Zeinhofer (2023) report.
 
     python experiments/pinn_poisson.py            # a few minutes on 2 CPU cores
     python experiments/pinn_poisson.py --quick    # seconds (CI)

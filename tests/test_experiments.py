@@ -9,7 +9,9 @@ the glob; the harness (``_harness.py``) and the runner ``run_all.py`` are not st
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,6 +51,15 @@ def run_script(script: Path, *args: str, timeout: float = TIMEOUT_S):
 
 def test_there_are_studies():
     assert {"gd_vs_gauss_newton", "partial_derivatives"} <= {p.stem for p in SCRIPTS}, SCRIPTS
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_study_header_states_its_finding(script: Path):
+    """Every study's docstring has a "Finding" paragraph with a measured number in it."""
+    doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+    paragraphs = [p for p in doc.split("\n\n") if p.startswith("Finding")]
+    assert len(paragraphs) == 1, script.name
+    assert "PLACEHOLDER" not in doc and re.search(r"\d", paragraphs[0]), paragraphs[0]
 
 
 @pytest.mark.slow
