@@ -281,7 +281,18 @@ print(json.dumps(dict(n=n, steps=int(result.steps), seconds=seconds,
 
 def main() -> None:
     cli = parser("architectures", __doc__.splitlines()[0])
+    cli.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        metavar="NAME",
+        help="rows whose network name contains one of these (e.g. CNN digits)",
+    )
     args = cli.parse_args()
+
+    def keep(name: str) -> bool:
+        return not args.only or any(part in name for part in args.only)
+
     if args.x64:
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if args.x64 else jnp.float32
@@ -295,6 +306,8 @@ def main() -> None:
         batch = (xs, jnp.sin(xs[:, :1]))
         reference = None
         for name, (apply, params) in mlp_variants(sizes, dtype).items():
+            if not keep(f"{'-'.join(map(str, sizes))} {name}"):
+                continue
             fn = pb.regression_residuals(apply)
             row = measure(f"{'-'.join(map(str, sizes))} {name}", fn, params, batch, None,
                           repeats, budget, reference)  # fmt: skip
@@ -302,6 +315,8 @@ def main() -> None:
                 reference = {"ntk_s": row["_ntk_s"], "step_s": row["_step_s"]}
             rows.append(row)
         params = mlp_variants(sizes, dtype)["pb.nets"][1]
+        if not keep(f"{'-'.join(map(str, sizes))} whole-batch function"):
+            continue
         row = measure(f"{'-'.join(map(str, sizes))} whole-batch function",
                       lambda p, b: batched_mlp(p, b[0]) - b[1], params, batch, None, repeats,
                       budget, reference)  # fmt: skip
@@ -311,21 +326,27 @@ def main() -> None:
     imgs = jax.random.uniform(jax.random.key(2), (n, 8, 8, 1), dtype)
     labels = jax.random.randint(jax.random.key(3), (n,), 0, 10)
     loss = pb.losses.softmax_cross_entropy()
-    rows.append(measure("CNN 8x8, cross-entropy", pb.losses.network_outputs(apply, loss),
-                        params, (imgs, labels), None, repeats, budget))  # fmt: skip
+    if keep("CNN 8x8, cross-entropy"):
+        rows.append(measure("CNN 8x8, cross-entropy", pb.losses.network_outputs(apply, loss),
+                            params, (imgs, labels), None, repeats, budget))  # fmt: skip
     n = 64 if args.quick else 256
     apply, params = transformer(dtype)
     toks = jax.random.normal(jax.random.key(4), (n, 16, 32), dtype)
-    rows.append(measure("transformer block S=16 d=32", pb.regression_residuals(apply), params,
-                        (toks, jnp.zeros((n, 1), dtype)), None, repeats, budget))  # fmt: skip
+    if keep("transformer block S=16 d=32"):
+        rows.append(measure("transformer block S=16 d=32", pb.regression_residuals(apply),
+                            params, (toks, jnp.zeros((n, 1), dtype)), None, repeats,
+                            budget))  # fmt: skip
     apply, params = rnn(dtype)
     seqs = jax.random.normal(jax.random.key(5), (n, 10, 4), dtype)
-    rows.append(measure("RNN (lax.scan) T=10 H=32", pb.regression_residuals(apply), params,
-                        (seqs, jnp.zeros((n, 1), dtype)), None, repeats, budget))  # fmt: skip
+    if keep("RNN (lax.scan) T=10 H=32"):
+        rows.append(measure("RNN (lax.scan) T=10 H=32", pb.regression_residuals(apply), params,
+                            (seqs, jnp.zeros((n, 1), dtype)), None, repeats,
+                            budget))  # fmt: skip
     for row in rows:
         row.pop("_ntk_s", None)
         row.pop("_step_s", None)
-    rows.append(digits_fit(args.quick))
+    if keep("digits CNN, pb.fit defaults"):
+        rows.append(digits_fit(args.quick))
     md = write_results(
         args.out, rows, title="Any network: NTK and dual LM step per architecture",
         notes="Ratios are to one batch gradient of the same loss (jit, median of repeats); "
