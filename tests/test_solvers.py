@@ -584,3 +584,45 @@ def test_bad_inputs_raise_clearly():
                    residual_fn=lambda p, b: (p["x"] > 0).astype(jnp.int32), batch=None)  # fmt: skip
     with pytest.raises(TypeError, match="residual_fn=... and batch"):
         opt.update(None, opt.init(params), params)
+
+
+def _designed(rows: int, cols: int, sigmas, seed: int = 0):
+    """A (rows, cols) with singular values ``sigmas`` and a y it cannot fit exactly."""
+    rng = np.random.default_rng(seed)
+    k = len(sigmas)
+    u = np.linalg.qr(rng.normal(size=(rows, k)))[0]
+    v = np.linalg.qr(rng.normal(size=(cols, k)))[0]
+    return (u * np.asarray(sigmas)) @ v.T, rng.normal(size=rows)
+
+
+@pytest.mark.parametrize("solve, shape", [("primal", (12, 6)), ("qr", (12, 6)), ("dual", (5, 9)),
+                                          ("auto", (12, 6)), ("auto", (5, 9))])  # fmt: skip
+@pytest.mark.parametrize("rcond", [1e-6, 1e-3])
+def test_gauss_newton_rcond_is_the_truncated_pseudo_inverse(solve, shape, rcond):
+    """GN(rcond=c) == -V_k S_k^-1 U_k^T r over the singular values above c sigma_max (numpy
+    SVD, the slow twin), on a linear problem whose J spans 1 .. 1e-9; without rcond the
+    primal and qr steps keep the 1e-9 direction (the exact minimum-norm step; the dual form's
+    kernel cannot resolve it and drops it by default)."""
+    sigmas = [1.0, 0.3, 1e-2, 1e-4, 1e-9][: min(shape) - 0]
+    a, y = _designed(*shape, sigmas)
+    a, y = jnp.asarray(a), jnp.asarray(y)
+    fn = lambda p, b: b[0] @ p - b[1]  # noqa: E731
+    p0 = jnp.zeros(shape[1])
+    opt = pb.gauss_newton(solve=solve, rcond=rcond)
+    step, _ = opt.update(None, opt.init(p0), p0, residual_fn=fn, batch=(a, y))
+    u, s, vt = np.linalg.svd(np.asarray(a), full_matrices=False)
+    keep = s > rcond * s[0]
+    twin = -(vt[keep].T @ ((u[:, keep].T @ -np.asarray(y)) / s[keep]))
+    np.testing.assert_allclose(step, twin, rtol=1e-7, atol=1e-9)
+    if shape[0] > shape[1]:
+        exact, _ = pb.gauss_newton(solve=solve).update(
+            None, opt.init(p0), p0, residual_fn=fn, batch=(a, y)
+        )
+        assert np.linalg.norm(exact) > 1e3 * np.linalg.norm(step)  # the 1e-9 direction
+
+
+@pytest.mark.parametrize("kwargs", [dict(rcond=0.0), dict(rcond=1.0), dict(rcond=-1e-3),
+                                    dict(rcond=1e-6, solve="cg")])  # fmt: skip
+def test_gauss_newton_rcond_bad_values_are_refused(kwargs):
+    with pytest.raises(ValueError, match="rcond"):
+        pb.gauss_newton(**kwargs)

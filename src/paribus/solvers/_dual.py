@@ -48,7 +48,14 @@ class DualOptions(NamedTuple):
 DEFAULT_DUAL = DualOptions()
 
 
-def dual(model: Model, lam, d, min_norm: bool, options: DualOptions = DEFAULT_DUAL) -> Solution:
+def dual(
+    model: Model,
+    lam,
+    d,
+    min_norm: bool,
+    options: DualOptions = DEFAULT_DUAL,
+    rcond: float | None = None,
+) -> Solution:
     """The dual step: one R x R Cholesky (or eigendecomposition for Gauss-Newton), one J^T.
 
     Cost: the kernel (structured: about N^2 m^2 times the layer widths), R^3 / 3, one VJP; the
@@ -70,7 +77,7 @@ def dual(model: Model, lam, d, min_norm: bool, options: DualOptions = DEFAULT_DU
         jt_r = jac.T @ r
     y_e = je = None
     if min_norm:
-        w, u, repair = _min_norm(kernel, r, vjp_s)
+        w, u, repair = _min_norm(kernel, r, vjp_s, None if rcond is None else rcond**2)
     else:
         b = r
         if model.e is not None:
@@ -137,7 +144,7 @@ def _floored_factor(kernel: jax.Array, least: jax.Array) -> jax.Array:
     return cholesky((vecs * jnp.maximum(s, least)[None, :]) @ vecs.T)[0]
 
 
-def _min_norm(kernel, r, vjp_s):
+def _min_norm(kernel, r, vjp_s, rel=None):
     """(J^T alpha, K alpha, repair) for alpha = K^+ r, eigenvalues below eps n max dropped.
 
     Not refined: with R > rank J (duplicated examples, or R > P) the system K alpha = r is
@@ -146,7 +153,7 @@ def _min_norm(kernel, r, vjp_s):
     step is then the truncated pseudo-inverse's: shorter than the minimum-norm step, never
     longer. (Gauss-Newton with "qr" or "cg" resolves singular values down to eps ||J||.)
     """
-    alpha, _ = pinv_solve(kernel, r)
+    alpha, _ = pinv_solve(kernel, r, rel)
     return vjp_s(alpha), kernel @ alpha, _code("none")
 
 

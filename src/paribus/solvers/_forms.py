@@ -19,10 +19,12 @@ def solve(
     min_norm: bool,
     cg_options: CGOptions,
     dual_options: DualOptions = DEFAULT_DUAL,
+    rcond: float | None = None,
 ) -> Solution:
-    """The step of ``form`` ("primal", "qr", "dual" or "cg"); see ``paribus.solvers._linear``."""
+    """The step of ``form`` ("primal", "qr", "dual" or "cg"); see ``paribus.solvers._linear``.
+    ``rcond``: the minimum-norm step's relative singular-value cutoff (factorised forms)."""
     if form == "cg":
         return cg(model, lam, d, min_norm, cg_options)
     if form == "dual":
-        return dual(model, lam, d, min_norm, dual_options)
-    return {"primal": primal, "qr": qr}[form](model, lam, d, min_norm)
+        return dual(model, lam, d, min_norm, dual_options, rcond)
+    return {"primal": primal, "qr": qr}[form](model, lam, d, min_norm, rcond)

@@ -128,14 +128,14 @@ def factored(chol: tuple[jax.Array, bool]) -> jax.Array:
     return jnp.all(jnp.isfinite(jnp.diagonal(chol[0])))
 
 
-def pinv_solve(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+def pinv_solve(a: jax.Array, b: jax.Array, rel: float | None = None) -> tuple[jax.Array, jax.Array]:
     """(a^+ b, trusted) for symmetric positive semidefinite a, eigenvalues below the cutoff
-    eps n max|s| dropped. ``trusted``: the smallest eigenvalue is at least ``SWITCH`` times the
-    cutoff, so nothing was dropped and no kept direction is within 10x of what the dtype
-    resolves (else the caller solves from J itself)."""
+    eps n max|s| (or ``rel`` max|s|) dropped. ``trusted``: the smallest eigenvalue is at least
+    ``SWITCH`` times the cutoff, so nothing was dropped and no kept direction is within 10x of
+    what the dtype resolves (else the caller solves from J itself)."""
     s, u = jnp.linalg.eigh(a)
     top = jnp.max(jnp.abs(s))
-    cut = matmul_eps(a.dtype) * a.shape[0] * top
+    cut = (matmul_eps(a.dtype) * a.shape[0] if rel is None else rel) * top
     keep = s > cut
     inv = jnp.where(keep, 1 / jnp.where(keep, s, 1), 0)
     trusted = jnp.min(s) >= SWITCH * cut
@@ -151,7 +151,18 @@ def gradient(model: Model, jt_r: jax.Array) -> jax.Array:
     return jt_r if model.e is None else model.grad
 
 
-def primal(model: Model, lam, d, min_norm: bool) -> Solution:
+def gram_resolves(rcond: float, dtype, n: int) -> bool:
+    """Whether a Gram matrix (J^T J or J J^T) formed in ``dtype`` resolves singular values of
+    J down to ``rcond`` sigma_max: rcond^2 at least ``SWITCH`` times its rounding eps n."""
+    return rcond**2 >= SWITCH * matmul_eps(dtype) * n
+
+
+def truncated(jac: jax.Array, r: jax.Array, rcond: float) -> jax.Array:
+    """-J^+ r with the singular values of J below rcond sigma_max dropped (an SVD of J)."""
+    return -jnp.linalg.lstsq(jac, r, rcond=rcond)[0]
+
+
+def primal(model: Model, lam, d, min_norm: bool, rcond: float | None = None) -> Solution:
     """Normal equations (J^T J + lam D) delta = -g by Cholesky: N m P^2 + P^3 / 3 flops.
 
     Repaired (see the module docstring) when the Cholesky fails or lam D is below ``SWITCH``
@@ -164,6 +175,12 @@ def primal(model: Model, lam, d, min_norm: bool) -> Solution:
     jt_r = jac.T @ r
     g = gradient(model, jt_r)
     jtj = jac.T @ jac
+    if min_norm and rcond is not None:
+        if gram_resolves(rcond, jtj.dtype, jtj.shape[0]):
+            delta = -pinv_solve(jtj, jt_r, rcond**2)[0]
+        else:
+            delta = truncated(jac, r, rcond)
+        return Solution(delta, jac @ delta, jnp.linalg.norm(g), _code("none"))
     if min_norm:
         delta, trusted = pinv_solve(jtj, jt_r)
         delta, repair = jax.lax.cond(
@@ -216,14 +233,14 @@ def _qr_step(model: Model, jac: jax.Array, g: jax.Array, damp: jax.Array) -> jax
     return delta + normal_solve(residual)
 
 
-def qr(model: Model, lam, d, min_norm: bool) -> Solution:
+def qr(model: Model, lam, d, min_norm: bool, rcond: float | None = None) -> Solution:
     """QR of the stacked [J; sqrt(lam D)] (see :func:`_qr_step`); Gauss-Newton: an SVD
     least-squares solve of J."""
     jac = model.jacobian()
     jt_r = jac.T @ model.r
     g = gradient(model, jt_r)
     if min_norm:
-        delta = jnp.linalg.lstsq(jac, -model.r)[0]
+        delta = jnp.linalg.lstsq(jac, -model.r, rcond=rcond)[0]
     else:
         delta = _qr_step(model, jac, g, lam * (jnp.ones_like(g) if d is None else d))
     return Solution(delta, jac @ delta, jnp.linalg.norm(g), _code("none"))

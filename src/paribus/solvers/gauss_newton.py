@@ -31,6 +31,7 @@ def gauss_newton(
     memory_budget: int | None = _common.DEFAULT_MEMORY_BUDGET,
     cg_max_steps: int = 50,
     cg_tol: float = 1e-10,
+    rcond: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Gauss-Newton: the minimum-norm minimiser of the linearised residuals, every step.
 
@@ -47,6 +48,15 @@ def gauss_newton(
       memory_budget: bytes a dense form may use before "auto" picks cg; default half the
         device's free memory (``pb.memory.default_budget()``).
       cg_max_steps, cg_tol: iteration cap and relative residual tolerance of "cg".
+      rcond: None (default), or the relative cutoff of a truncated pseudo-inverse: singular
+        values of J below rcond * sigma_max are dropped, in every factorised form (from the
+        Gram matrix when it resolves rcond in the dtype, else from an SVD of J). None keeps
+        every direction the dtype resolves: the exact minimum-norm step, which on
+        ill-conditioned problems (a PINN's J spans 1e13 in float64) points along directions of
+        tiny curvature that the linear model trusts and the loss does not. The
+        Gram-matrix pseudo-inverse of Mueller & Zeinhofer's ENGD is rcond = sqrt(eps P).
+        Not with "cg" (which truncates by its iteration count); "auto" then takes the
+        factorised form of the nonsingular side (primal when R >= P, else dual).
 
     Returns:
       ``optax.GradientTransformationExtraArgs`` with
@@ -67,6 +77,15 @@ def gauss_newton(
     _common.check_loss(loss, where=where)
     cg_options = _common.check_cg(cg_max_steps, cg_tol, where=where)
     cg_options = cg_options._replace(jacobi=False)  # a preconditioner would lose min-norm
+    if rcond is not None:
+        if not 0 < float(rcond) < 1:
+            raise ValueError(f"{where}: rcond must be a number in (0, 1) or None; got {rcond}.")
+        if solve == "cg":
+            raise ValueError(
+                f'{where}: rcond needs a factorised form ("primal", "qr", "dual" or '
+                '"auto"); "cg" truncates by its iteration count instead.'
+            )
+        rcond = float(rcond)
 
     def init_fn(params: PyTree) -> GaussNewtonState:
         _common.check_params(params, where=where)
@@ -90,7 +109,11 @@ def gauss_newton(
         _common.check_state(state, GaussNewtonState, n_params=work.flat.size, dtype=dt,
                             where=where)  # fmt: skip
         zero = jnp.zeros((), dt)
-        sol = _forms.solve(form, model, zero, None, min_norm=True, cg_options=cg_options)
+        if rcond is not None and form == "cg":
+            form = "primal" if work.flat.size <= model.r.shape[0] else "dual"  # rcond: exact
+        sol = _forms.solve(
+            form, model, zero, None, min_norm=True, cg_options=cg_options, rcond=rcond
+        )
         ok = _common.finite(sol.delta)
         delta = jnp.where(ok, sol.delta, 0)
         info = step_info(
