@@ -15,11 +15,11 @@ learning-rate grid (per width, by median time to target). Timings: the harness's
 time per step is measured on a few steps, and above P = 6,500 it is skipped (one Cholesky is
 P^3 / 3 flops).
 
-Finding (the default run of 2026-11-26, before the port to the harness, quoted in the README; the
-port kept the setup): primal LM's P^3
-takes over past P ~ N: at P = 6,001 a primal step costs 190x a dual step, whose cost grows at
-most linearly in P; dual LM reaches the target at every width up to P = 12,001 in float32
-(0.84 s there, against 3.4 s for matrix-free CG).
+Finding (default run, 3 seeds, float32, 2026-12-02): primal LM's P^3 takes over past P ~ N:
+primal is faster per step up to P between 91 and 301, 270x slower than dual at P = 6,001
+(fitted slopes of time per step against P: primal 2.6, dual 1.1); dual LM reaches the target on
+3/3 seeds at every width up to P = 12,001 (3.8 s there, against 27 s for matrix-free CG LM;
+Adam reaches it on none).
 
     python experiments/width_sweep.py            # a few minutes on 2 CPU cores
     python experiments/width_sweep.py --quick    # seconds (CI)
