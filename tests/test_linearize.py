@@ -300,3 +300,26 @@ def test_sharded_over_eight_devices_equals_one_device():
     single = run(params, batch)
     sharded = run(pb.sharding.replicate(params, mesh), pb.sharding.shard_batch(batch, mesh))
     chex.assert_trees_all_close(sharded, single, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("arch", sorted(ZOO))
+def test_gauss_newton_rcond_step_on_every_network(arch, dtype):
+    """pb.gauss_newton(rcond=) on the network a user brings equals the truncated pseudo-inverse
+    step of the dense twin's J (numpy SVD, float64), in float64 and in float32."""
+    residual_fn, params, batch, _ = problem(arch, "squared")
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    batch = jax.tree.map(lambda a: a.astype(dtype), batch)
+    rcond = 1e-2
+    opt = pb.gauss_newton(rcond=rcond)
+    step, state = jax.jit(
+        lambda p: opt.update(None, opt.init(p), p, residual_fn=residual_fn, batch=batch)
+    )(params)
+    r, jac = dense_twin(residual_fn, jax.tree.map(lambda a: a.astype(jnp.float64), params),
+                        jax.tree.map(lambda a: a.astype(jnp.float64), batch), None)  # fmt: skip
+    u, s, vt = np.linalg.svd(np.asarray(jac), full_matrices=False)
+    keep = s > rcond * s[0]
+    twin = -(vt[keep].T @ ((u[:, keep].T @ np.asarray(r)) / s[keep]))
+    got = np.asarray(ravel_pytree(step)[0], np.float64)
+    tol = 1e-9 if dtype == jnp.float64 else 2e-3
+    assert np.linalg.norm(got - twin) <= tol * np.linalg.norm(twin), (arch, state.step_info.form)
