@@ -80,7 +80,17 @@ def lift_fn(params: PyTree) -> Callable[[PyTree], PyTree]:
 
 
 def setup(
-    residual_fn, params, batch, loss, solve, budget, *, where: str, cg_max_steps: int = 50
+    residual_fn,
+    params,
+    batch,
+    loss,
+    solve,
+    budget,
+    *,
+    where: str,
+    cg_max_steps: int = 50,
+    state=None,
+    state_type: type | None = None,
 ) -> Setup:
     """The model at params and the solve form for its sizes (see :class:`Setup`)."""
     if budget is None:
@@ -100,6 +110,8 @@ def setup(
     itemsize = np.dtype(work).itemsize
     form = _cost.choose(solve, int(model.r.shape[0]), flat.size, itemsize, budget,
                         model.linearization.plan, cg_max_steps=cg_max_steps)  # fmt: skip
+    if state_type is not None:
+        check_state(state, state_type, n_params=flat.size, dtype=work, where=where)
     return Setup(model, form, flat.astype(work), unravel, lift)
 
 

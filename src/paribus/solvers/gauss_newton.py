@@ -103,11 +103,11 @@ def gauss_newton(
             memory_budget,
             where=where,
             cg_max_steps=cg_options.max_steps,
+            state=state,
+            state_type=GaussNewtonState,
         )
         model, form = work.model, work.form
         dt = model.r.dtype
-        _common.check_state(state, GaussNewtonState, n_params=work.flat.size, dtype=dt,
-                            where=where)  # fmt: skip
         zero = jnp.zeros((), dt)
         if rcond is not None and form == "cg":
             form = "primal" if work.flat.size <= model.r.shape[0] else "dual"  # rcond: exact

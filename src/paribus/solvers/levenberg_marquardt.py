@@ -262,11 +262,11 @@ def levenberg_marquardt(
             memory_budget,
             where=where,
             cg_max_steps=cg_options.max_steps,
+            state=state,
+            state_type=LevenbergMarquardtState,
         )
         model, form = work.model, work.form
         dt = model.r.dtype
-        _common.check_state(state, LevenbergMarquardtState, n_params=work.flat.size, dtype=dt,
-                            where=where)  # fmt: skip
         d, running = _scaling(state, model, scaling, scaling_floor)
         lam = _first_damping(state, model, d, lam0) if relative else state.damping
         lam = jnp.clip(lam, lo, hi)
