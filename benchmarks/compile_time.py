@@ -20,6 +20,9 @@ One tiny jitted function runs first in every process, so JAX's own start-up is i
 Methods: ``pb.fit`` with ``pb.levenberg_marquardt(solve=...)`` for each form (auto, primal, qr,
 dual, cg), ``pb.gauss_newton()`` and ``optax.adam(1e-2)``; ``optx.least_squares`` with
 ``optx.LevenbergMarquardt`` and ``optx.GaussNewton`` (rtol = atol = 1e-8, ``throw=False``).
+``pb.fit`` compiles a small run with XLA's quick settings by default (``compile_mode="auto"``;
+see ``paribus._fit._compile``): "pb LM auto (full XLA)" is the same LM with XLA's defaults,
+and "optx LM (quick XLA)" optimistix's LM compiled with the same quick settings.
 
 Run: ``python benchmarks/compile_time.py`` (``--quick``: 2 repeats, fewer methods;
 ``--repeats N``; ``--x64`` for float64; ``--only exp`` or ``--only mgh``).
@@ -40,10 +43,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 METHODS = ("pb LM auto", "pb LM primal", "pb LM qr", "pb LM dual", "pb LM cg", "pb GN auto",
-           "pb adam", "optx LM", "optx GN")  # fmt: skip
+           "pb adam", "pb LM auto (full XLA)", "optx LM", "optx GN",
+           "optx LM (quick XLA)")  # fmt: skip
 # The MGH loop takes ~20 s a method on two loaded cores: the forms "auto" chooses, and the peers.
-LOOP_METHODS = ("pb LM auto", "pb GN auto", "pb adam", "optx LM", "optx GN")
+LOOP_METHODS = ("pb LM auto", "pb GN auto", "pb adam", "pb LM auto (full XLA)", "optx LM",
+                "optx GN", "optx LM (quick XLA)")  # fmt: skip
 QUICK_METHODS = ("pb LM auto", "pb GN auto", "optx LM", "optx GN")
+# "(full XLA)": pb.fit(..., compile_mode="full"), XLA's default settings, which pb.fit's
+# "auto" replaces by its quick ones for a small run; "(quick XLA)": optimistix compiled with
+# those same quick settings (XLA_FLAGS in its process), for a like-for-like comparison.
+QUICK_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
 MAX_STEPS = 100
 _EVENTS = {
     "/jax/core/compile/jaxpr_trace_duration": "trace_s",
@@ -77,7 +86,7 @@ def _solve_fn(method: str):
     if method.startswith("optx"):
         import optimistix as optx
 
-        cls = optx.LevenbergMarquardt if method == "optx LM" else optx.GaussNewton
+        cls = optx.LevenbergMarquardt if method.startswith("optx LM") else optx.GaussNewton
         solver = cls(rtol=1e-8, atol=1e-8)
 
         wrapped = {}  # one wrapper per problem: optimistix's filter_jit keys on its identity
@@ -88,7 +97,8 @@ def _solve_fn(method: str):
             return jax.block_until_ready(sol.value)
 
         return solve_optx
-    _, kind, *form = method.split()
+    mode = "full" if method.endswith("(full XLA)") else "auto"
+    _, kind, *form = method.removesuffix(" (full XLA)").split()
     if kind == "LM":
         opt = pb.levenberg_marquardt(solve=form[0])
     elif kind == "GN":
@@ -97,7 +107,7 @@ def _solve_fn(method: str):
         opt = optax.adam(1e-2)
 
     def solve_pb(fn, x0):
-        result = pb.fit(lambda p, b: fn(p), x0, opt, None, max_steps=MAX_STEPS)
+        result = pb.fit(lambda p, b: fn(p), x0, opt, None, max_steps=MAX_STEPS, compile_mode=mode)
         return jax.block_until_ready(result.params)
 
     return solve_pb
@@ -160,6 +170,8 @@ def _spawn(method: str, workload: str, x64: bool, src: Path) -> dict:
         cmd.append("--x64")
     path = os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
+    if method.endswith("(quick XLA)"):
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {QUICK_XLA_FLAGS}".strip()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{method} / {workload} failed:\n{out.stderr[-3000:]}")

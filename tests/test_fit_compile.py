@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import paribus as pb
-from paribus._fit import _run as fit_run
+from paribus._fit import _compile
 
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
@@ -87,13 +87,14 @@ def test_a_rebuilt_residual_function_reuses_the_loop_and_new_data_does_not():
     x0 = jnp.array([1.0, 1.0, 0.0])
     opt = pb.levenberg_marquardt()
     first = pb.fit(_exp_fit(xs, ys), x0, opt, None, max_steps=50)
-    size = fit_run._cache_size()
-    again = pb.fit(_exp_fit(xs, ys), x0, opt, None, max_steps=50)
-    assert fit_run._cache_size() == size
+    with _Compiles() as compiles:
+        again = jax.block_until_ready(pb.fit(_exp_fit(xs, ys), x0, opt, None, max_steps=50))
+    assert compiles.count == 0
     np.testing.assert_array_equal(again.params, first.params)
     xs2, ys2 = _exp_data(scale=2.0)
-    other = pb.fit(_exp_fit(xs2, ys2), x0, opt, None, max_steps=50)
-    assert fit_run._cache_size() == size + 1
+    with _Compiles() as compiles:
+        other = jax.block_until_ready(pb.fit(_exp_fit(xs2, ys2), x0, opt, None, max_steps=50))
+    assert compiles.count == 1
     np.testing.assert_allclose(other.params, [5.0, 1.3, 1.0], rtol=1e-6)
     np.testing.assert_allclose(first.params, [2.5, 1.3, 0.5], rtol=1e-6)
 
@@ -131,3 +132,96 @@ def test_a_step_traces_only_what_its_form_needs(opt, loops):
         lambda p, s: opt.update(None, s, p, residual_fn=_exp_fit(xs, ys), batch=None)
     )(x0, state)
     assert ("while" in _primitives(jaxpr.jaxpr)) == loops
+
+
+# ------------------------------------------------------------------ XLA's quick settings
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [pb.levenberg_marquardt, pb.gauss_newton, lambda: optax.adam(1e-2)],
+    ids=["lm", "gn", "adam"],
+)
+def test_quick_and_full_compiles_take_the_same_steps(make_opt):
+    """The fast path (XLA's quick settings) and its slow twin (XLA's defaults) take the same
+    steps, to rounding in float64: a noisy curve fit run to its minimum, and a few steps on a random
+    small network (the two compiles sum in other orders, and a long nonlinear run, or
+    Gauss-Newton's undamped solve on a network's ill-conditioned J, amplifies that rounding;
+    LM and Adam only there)."""
+    xs, ys = _exp_data()
+    curve, x0 = _exp_fit(xs, ys + 0.01 * jnp.sin(7 * xs)), jnp.array([1.0, 1.0, 0.0])
+    quick, full = (pb.fit(curve, x0, make_opt(), None, max_steps=60, compile_mode=mode)
+                   for mode in ("quick", "full"))  # fmt: skip
+    # Both converge to the same minimum; the last steps, at rounding level, may differ in
+    # number (which rounding-sized step first counts as "not moving theta").
+    if make_opt in (pb.levenberg_marquardt, pb.gauss_newton):
+        assert quick.converged and full.converged and abs(quick.steps - full.steps) <= 3
+    else:  # Adam runs all 60 steps
+        assert quick.steps == full.steps == 60
+    n = min(quick.steps, full.steps) + 1
+    np.testing.assert_allclose(quick.history.loss[:n], full.history.loss[:n], rtol=1e-10)
+    np.testing.assert_allclose(quick.params, full.params, rtol=1e-10)
+    if make_opt is pb.gauss_newton:
+        return
+    key_w, key_x = jax.random.split(jax.random.key(7))
+    init, apply = pb.nets.mlp([2, 4, 1])  # P = 17 parameters, R = 60 residuals
+    xs = jax.random.normal(key_x, (60, 2))
+    batch = (xs, jnp.sin(xs[:, :1] * 2.0) + xs[:, 1:] ** 2)
+    fn, params = pb.regression_residuals(apply), init(key_w)
+    quick, full = (pb.fit(fn, params, make_opt(), batch, max_steps=8, compile_mode=mode)
+                   for mode in ("quick", "full"))  # fmt: skip
+    assert quick.steps == full.steps == 8
+    np.testing.assert_allclose(quick.history.loss, full.history.loss, rtol=1e-11)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
+                 quick.params, full.params)  # fmt: skip
+
+
+def test_auto_compiles_a_small_run_quickly_and_a_large_one_fully():
+    """The choice follows the estimated flops: a 3-parameter curve fit's step is tiny (quick
+    for any number of steps); a small network's step is quick for a few hundred steps, not for
+    a million; a wide network's Jacobian step is never."""
+    xs, ys = _exp_data()
+    fn = _exp_fit(xs, ys)
+    x0 = jnp.array([1.0, 1.0, 0.0])
+    flops = _compile.residual_flops(fn, x0, None)
+    assert 20 <= flops < 1e3  # a few flops per residual
+    assert _compile.run_flops(flops, 3, 20, jacobian=True, steps=1) <= _compile.TINY_STEP_FLOPS
+    assert _compile.choose(("exp",), fn, x0, None, 20, True, 10**8) is True
+    init, apply = pb.nets.mlp([1, 16, 1])
+    net, params = pb.regression_residuals(apply), init(jax.random.key(0))
+    batch = (xs[:, None], ys[:, None])
+    assert _compile.choose(("net",), net, params, batch, 20, True, 100) is True
+    assert _compile.choose(("net",), net, params, batch, 20, True, 10**6) is False
+    wide = _compile.run_flops(2 * 512 * 513, 513 * 2 + 1, 512, jacobian=True, steps=1)
+    assert wide > _compile.QUICK_FLOPS
+
+
+def test_a_new_max_steps_does_not_recompile_a_tiny_run_and_compiles_a_crossing_once():
+    """max_steps is not a compile-time constant: a curve fit (tiny steps) reuses its loop for
+    any max_steps; a small network asked for a long run after a short one compiles the
+    full-settings loop once, and then reuses each."""
+    xs, ys = _exp_data(scale=3.0)
+    x0 = jnp.array([1.0, 1.0, 0.0])
+    opt = pb.levenberg_marquardt()
+    pb.fit(_exp_fit(xs, ys), x0, opt, None, max_steps=20)
+    with _Compiles() as compiles:
+        result = pb.fit(_exp_fit(xs, ys), x0, opt, None, max_steps=10**8)
+        jax.block_until_ready(result.params)
+    assert compiles.count == 0 and result.converged
+    init, apply = pb.nets.mlp([1, 16, 1])
+    net, params, batch = pb.regression_residuals(apply), init(jax.random.key(1)), (
+        xs[:, None], ys[:, None])  # fmt: skip
+    adam = optax.adam(1e-3)
+    counts = []
+    for max_steps in (50, 10**6 // 4, 60, 10**6 // 4):
+        with _Compiles() as compiles:
+            jax.block_until_ready(pb.fit(net, params, adam, batch, max_steps=max_steps,
+                                         target_loss=1e9).params)  # fmt: skip
+        counts.append(compiles.count)
+    assert counts == [1, 1, 0, 0]
+
+
+def test_compile_mode_is_checked():
+    with pytest.raises(ValueError, match='compile_mode must be "auto", "quick" or "full"'):
+        pb.fit(_exp_fit(*_exp_data()), jnp.ones(3), optax.adam(1e-2), None, max_steps=2,
+               compile_mode="fast")  # fmt: skip

@@ -35,8 +35,13 @@ def test_levenberg_marquardt_reaches_known_minimum(problem):
     assert np.all(np.isfinite(result.history.loss))
     # LM accepts no increase beyond the rounding of L as evaluated (Linearization.noise:
     # 8 eps (L + sum |z_k dL/dz_k|) = 24 eps L here; a step whose predicted and measured
-    # changes are both below it is a tie, taken on the model's word).
-    rounding = 24 * np.finfo(np.float64).eps * result.history.loss[:-1]
+    # changes are both below it is a tie, taken on the model's word). The history records L
+    # from another kernel than LM's trial measurement, and where the residuals cancel to a
+    # small fraction of their terms L carries more rounding than that estimate: on Osborne 1
+    # (r ~ 1e-3 of terms ~ 1) the two evaluations differ by up to 115 eps L when the loop is
+    # compiled with XLA's quick settings (pb.fit's default for a run this small), 0 with its
+    # full ones. A real increase is orders of magnitude above 1e3 eps L (2e-13 relative).
+    rounding = 1e3 * np.finfo(np.float64).eps * result.history.loss[:-1]
     assert np.all(np.diff(result.history.loss) <= rounding), "LM accepted an increase"
     assert result.stop_reason in ("gradient", "step")
 

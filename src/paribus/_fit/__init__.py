@@ -17,17 +17,17 @@ The modules, in the order a call meets them:
 - ``records``: StopReason, History, FitState, FitProgress, FitResult (the public records).
 - ``fitting``: ``fit`` itself; ``_checks``: its arguments, checked at the call.
 - ``_opt_state``: where the optimiser's StepInfo sits; the compositions refused.
-- ``_static``: the loop's static configuration and when two are equal (no recompilation).
+- ``_static``: the loop's static configuration and when two are equal (no recompilation);
+  ``_compile``: XLA's quick settings for a small run on the CPU.
 - ``_loop``: the compiled ``lax.while_loop``; ``_step``: one evaluation and step inside it;
   ``_rules``: the stopping rules; ``_rows``: the history rows it writes.
 - ``_host``: the chunks on the host and the result; ``_stream``: minibatches from an
   iterator; ``_hooks``: the host callback and progress bar.
 """
 
-# Private, for the tests: the chunk sizes, and the compiled loop whose compilations they count.
+# Private, for the tests: the chunk sizes.
 from paribus._fit._host import CHUNK as CHUNK
 from paribus._fit._host import ITERATOR_CHUNK as ITERATOR_CHUNK
-from paribus._fit._loop import run as _run  # noqa: F401
 from paribus._fit.fitting import fit
 from paribus._fit.records import (
     CONVERGED,

@@ -80,8 +80,9 @@ def _output_shapes(residual_fn, params, batch) -> PyTree:
         ) from error
 
 
-def check_outputs(residual_fn, params, batch, loss) -> None:
-    """What ``residual_fn(params, batch)`` returns, from shapes alone (``jax.eval_shape``)."""
+def check_outputs(residual_fn, params, batch, loss) -> int:
+    """What ``residual_fn(params, batch)`` returns, from shapes alone (``jax.eval_shape``);
+    returns the number of residuals (of outputs, with a loss's (outputs, targets) pair)."""
     out = _output_shapes(residual_fn, params, batch)
     if loss is not None and isinstance(out, tuple | list) and len(out) == 2:
         z = out[0]
@@ -89,7 +90,8 @@ def check_outputs(residual_fn, params, batch, loss) -> None:
             raise ValueError(
                 "pb.fit: residual_fn returned outputs for 0 examples (an empty batch?)."
             )
-        return  # the model checks the (outputs, targets) pair when it is traced
+        # the model checks the (outputs, targets) pair when it is traced
+        return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(z))
     leaves = jax.tree.leaves(out)
     if not leaves or not all(jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves):
         raise TypeError(
@@ -102,11 +104,13 @@ def check_outputs(residual_fn, params, batch, loss) -> None:
             "L = 1/2 ||r||^2 of the residuals it returns: return the residuals r, not the "
             "loss (shape (1,) for one residual)."
         )
-    if sum(int(np.prod(leaf.shape)) for leaf in leaves) == 0:
+    n_resid = sum(int(np.prod(leaf.shape)) for leaf in leaves)
+    if n_resid == 0:
         raise ValueError(
             "pb.fit: residual_fn(params, batch) returned no residuals (an empty batch?); "
             "expected at least one."
         )
+    return n_resid
 
 
 def _solver_loss(opt) -> tuple[bool, Any]:

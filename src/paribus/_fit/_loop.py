@@ -17,6 +17,7 @@ import optax
 
 from paribus import _tree
 from paribus._fit import _rules
+from paribus._fit._compile import QUICK_OPTIONS
 from paribus._fit._hooks import hook
 from paribus._fit._rows import empty_rows, record
 from paribus._fit._static import Config
@@ -135,7 +136,13 @@ def run_chunk(cfg: Config, carry: Carry, fresh, data, limit, tols: _rules.Tols, 
     return loop.carry, loop.rows, loop.j
 
 
-run = jax.jit(run_chunk, static_argnames="cfg")
+_run = jax.jit(run_chunk, static_argnames="cfg")
+_run_quick = jax.jit(run_chunk, static_argnames="cfg", compiler_options=QUICK_OPTIONS)
+
+
+def run(cfg: Config, *args):
+    """``run_chunk`` compiled, with XLA's quick settings when ``cfg.quick``."""
+    return (_run_quick if cfg.quick else _run)(cfg, *args)
 
 
 def start(params, fs: FitState) -> Carry:

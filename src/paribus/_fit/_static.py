@@ -97,6 +97,7 @@ class Config(NamedTuple):
     chained: bool  # optax.chain members follow it: check that they leave its steps alone
     hooks: bool  # a host callback at every point (callback / progress)
     send_params: bool  # the callback receives params every callback_every steps
+    quick: bool = False  # compiled with XLA's quick settings (_compile: a small run on the CPU)
 
     @property
     def residual_fn(self) -> Callable:
