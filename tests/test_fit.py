@@ -139,6 +139,65 @@ def test_vmap_over_seeds_matches_one_seed_at_a_time():
                                rtol=1e-9, atol=1e-12 * single.history.loss[0])  # fmt: skip
 
 
+@pytest.mark.parametrize("kind", ["lm", "adam", "sgd"])
+def test_a_long_traced_run_in_chunks_equals_one_loop(kind, monkeypatch):
+    """A traced run of more than TRACED_CHUNK points is a scan over loops of TRACED_CHUNK
+    points (linear, not quadratic, in max_steps under vmap). Its slow twin, one loop of
+    max_steps + 1 points, takes the same steps and stops at the same point: LM on a small
+    network (early, past the first chunk; under jit only: 250 LM steps there amplify the
+    rounding of batched kernels, which differ between the two), Adam (at max_steps, across
+    three chunks) and SGD on a linear fit (early, past the first chunk) under jit and vmap;
+    both leave the rows past the stop blank, and Adam's and SGD's runs equal the host loop's."""
+    from paribus._fit import fitting
+
+    chunk = fitting.TRACED_CHUNK
+    max_steps = 2 * chunk + 40
+    if kind == "sgd":
+        batch, residual_fn, _ = linear_data()
+        init = lambda key: jax.random.normal(key, (3,))  # noqa: E731
+        opt, target = optax.sgd(5e-4), 0.21  # about 230 steps
+    else:
+        init, apply = pb.nets.mlp([1, 6, 1])
+        xs = jnp.linspace(-1, 1, 12)[:, None]
+        batch, residual_fn = (xs, jnp.sin(3 * xs)), pb.regression_residuals(apply)
+        opt = pb.levenberg_marquardt() if kind == "lm" else optax.adam(3e-2)
+        target = 1e-6
+
+    def fit(params, **kw):
+        return pb.fit(residual_fn, params, opt, batch, max_steps=max_steps, target_loss=target,
+                      **kw)  # fmt: skip
+
+    keys = jax.random.split(jax.random.key(3), 2)
+
+    def runs():
+        jitted = jax.jit(fit)(init(keys[0]))
+        if kind == "lm":
+            return (jitted,)
+        return jitted, jax.tree.map(lambda a: a[0], jax.vmap(lambda k: fit(init(k)))(keys))
+
+    chunked = runs()
+    monkeypatch.setattr(fitting, "TRACED_CHUNK", max_steps + 1)
+    for a, b in zip(chunked, runs(), strict=True):
+        assert int(a.steps) == int(b.steps) and a.stop_reason == b.stop_reason
+        # The two compile the body apart and round differently; Adam's 296 steps amplify that
+        # to 3e-10 relative.
+        np.testing.assert_allclose(a.history.loss, b.history.loss, rtol=1e-8)  # NaN == NaN
+        np.testing.assert_array_equal(a.history.accepted, b.history.accepted)
+        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-7), a.params, b.params)
+        n = int(a.steps) + 1
+        assert np.all(np.isnan(np.asarray(a.history.loss[n:])))
+    steps = int(chunked[0].steps)
+    if kind == "adam":
+        assert steps == max_steps
+    else:
+        assert chunk < steps < max_steps and chunked[0].stop_reason == "target_loss"
+    if kind != "lm":
+        host = fit(init(keys[0]), compile_mode="full")
+        assert host.steps == steps
+        np.testing.assert_allclose(chunked[0].history.loss[: steps + 1], host.history.loss,
+                                   rtol=1e-9)  # fmt: skip
+
+
 def linear_data(n=40, p=3, seed=0):
     rng = np.random.default_rng(seed)
     a = jnp.asarray(rng.normal(size=(n, p)))
