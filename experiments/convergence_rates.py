@@ -20,11 +20,12 @@ where the theory applies). Both methods run through ``pb.fit`` (all cases and se
 as one ``jax.vmap``), at most 40 iterations. The error measured is |g_k| = |J^T r| from the
 history: g = L''(x*) (x - x*) + O((x - x*)^2) converges with |x_k - x*|'s rate.
 
-Finding (default run, 5 seeds): the textbook rates, measured to three digits. At zero
-residual GN converges quadratically in a median 4 iterations (g_(k+1)/g_k^2 = 0.00224, predicted
-0.00224); with a residual it converges linearly at exactly the predicted rate (0.0596 and 0.473
-measured and predicted); where that rate exceeds 1 (2.2) GN fails on 5/5 seeds and LM still
-converges on 5/5 (median 16 iterations, rate 0.263).
+Finding (``experiments/run_all.py`` of 2026-12-02, 5 seeds; results/REPORT.md): the textbook
+rates, measured to three digits. At zero residual GN converges quadratically in a median 4
+iterations (g_(k+1)/g_k^2 = 0.00224, predicted 0.00224); with a residual it converges linearly
+at exactly the predicted rate (0.0596 and 0.473 measured and predicted); where that rate
+exceeds 1 (2.2) GN fails on 5/5 seeds and LM still converges on 5/5 (median 16 iterations,
+rate 0.263).
 
     python experiments/convergence_rates.py            # seconds
     python experiments/convergence_rates.py --quick    # seconds (CI)

@@ -20,11 +20,11 @@ lowest median final training loss is reported). An epoch is one pass over the tr
 test accuracy are traced every epoch by ``pb.fit``'s callback; the time axis is steps x the time
 per step of the same run without a callback (compile excluded).
 
-Finding (default run, 3 seeds, 2 loaded CPU cores): generalised Gauss-Newton LM needs
-fewer epochs to a training loss of 0.05 (minibatch LM 3.9, full-batch LM-CG 9) than SGD with
-momentum (7.8) and Adam (13.7), but the first-order methods get there far sooner in seconds
-(SGD+momentum 0.011 s, Adam 0.044 s, the fastest LM 0.49 s); all end at 94-98% test accuracy,
-full-batch LM-CG at the top (0.981, training loss 1e-8).
+Finding (``experiments/run_all.py`` of 2026-12-02, 3 seeds, one CPU core; results/REPORT.md):
+generalised Gauss-Newton LM needs fewer epochs to a training loss of 0.05 (minibatch LM 3.9,
+full-batch LM-CG 9) than SGD with momentum (7.8) and Adam (13.7), but the first-order methods
+get there far sooner in seconds (SGD+momentum 0.009 s, Adam 0.025 s, the fastest LM 0.22 s);
+all end at 95-98% test accuracy, full-batch LM-CG at the top (0.981, training loss 1e-8).
 
     python experiments/digits_classification.py            # a few minutes on 2 CPU cores
     python experiments/digits_classification.py --quick    # seconds (CI)

@@ -16,10 +16,11 @@ The seeds and rates of a method run as one ``jax.vmap`` of ``pb.fit``; the time 
 comes from a compiled, un-batched run of seed 0 at the best rate; time to target = iterations to
 target x time per iteration.
 
-Finding (default run, 10 seeds, 2 loaded CPU cores): LM reaches the target on 10/10 seeds in a
-median 40 iterations; Adam needs 41x as many (1,619) and GD with momentum 245x (9,658, 8/10
-seeds); plain GD and undamped Gauss-Newton never reach it. Each LM iteration costs about 15x an
-Adam step, so LM wins 2.8x in time to target (13.8x against GD with momentum).
+Finding (``experiments/run_all.py`` of 2026-12-02, 10 seeds, one CPU core; results/REPORT.md):
+LM reaches the target on 10/10 seeds in a median 39 iterations (17.5 ms); Adam needs 46x as
+many (1,796) and GD with momentum 252x (9,832, 7/10 seeds); plain GD and undamped Gauss-Newton
+never reach it. Each LM iteration costs about 12x an Adam step, so LM wins 4.0x in time to
+target (17.4x against GD with momentum).
 
     python experiments/gd_vs_gauss_newton.py            # about a minute on 2 CPU cores
     python experiments/gd_vs_gauss_newton.py --quick    # seconds (CI)

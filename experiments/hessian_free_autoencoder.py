@@ -21,11 +21,12 @@ preconditioner (diag(G) + lam)^0.75), full batch; its ablation, one ingredient o
 along each run by ``pb.fit``'s callback; the time axis is steps x the time per step of the same
 run without a callback (compile excluded); "equal wall-clock" is when the slowest HF seed ends.
 
-Finding (default run, 2 seeds, 2026-12-02): at this small scale Martens-style Hessian-free
-training does not beat Adam: at equal wall-clock (13.9 s) its training error is 1.1 against
-Adam's 0.83 and LM-CG's 0.77. In the ablation a fixed damping hurts most (4.2x HF's error) and
-no preconditioner 1.5x; CG from zero did better here (0.71x). Martens' networks had about 1e6
-parameters and logistic units; this one is small, tanh with LeCun initialisation.
+Finding (``experiments/run_all.py`` of 2026-12-02, 2 seeds, one CPU core; results/REPORT.md):
+at this small scale Martens-style Hessian-free training does not beat Adam: at equal wall-clock
+(19.4 s) its training error is 1.09 against Adam's 0.83 and LM-CG's 0.77. In the ablation a
+fixed damping hurts most (4.2x HF's error) and no preconditioner 1.5x; CG from zero did better
+here (0.72x). Martens' networks had about 1e6 parameters and logistic units; this one is small,
+tanh with LeCun initialisation.
 
     python experiments/hessian_free_autoencoder.py            # a few minutes on 2 CPU cores
     python experiments/hessian_free_autoencoder.py --quick    # seconds (CI)

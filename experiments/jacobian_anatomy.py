@@ -16,12 +16,13 @@ harness's ``time_call``): every mode of ``pb.jacobian`` on a 4-H-H-1 tanh MLP, f
 and N growing, then with N = 256 and H growing; a mode whose estimated work exceeds a budget is
 skipped.
 
-Finding (default run, 8 seeds, 2026-12-02): every identity holds to 2.1e-16 in float64 (rows
-are per-example gradients, columns the partial derivatives, J^T r = g, J J^T = NTK, sigma^2 =
-its eigenvalues; nudging agrees to 1.9e-11). J is badly conditioned: at H = 256 (P = 769 > N =
-64) the rank bound is 64 but only 7 NTK eigenvalues exceed 1e-6 of the largest. Per-example
-rows are the fastest way to J at every N and P measured: reverse mode over the whole batch is
-up to 280x slower (N = 4..1,024), forward mode 8-190x (P = 45..1,249).
+Finding (``experiments/run_all.py`` of 2026-12-02, 8 seeds, one CPU core; results/REPORT.md):
+every identity holds to 5.5e-16 in float64 (rows are per-example gradients, columns the partial
+derivatives, J^T r = g, J J^T = NTK, sigma^2 = its eigenvalues; nudging agrees to 1.9e-11). J
+is badly conditioned: at H = 256 (P = 769 > N = 64) the rank bound is 64 but only 7 NTK
+eigenvalues exceed 1e-6 of the largest. Per-example rows are the fastest way to J at every N and
+P measured: reverse mode over the whole batch is up to 400x slower (N = 4..1,024), forward mode
+6-390x (P = 45..1,249).
 
     python experiments/jacobian_anatomy.py            # a few minutes on 2 CPU cores
     python experiments/jacobian_anatomy.py --quick    # seconds (CI)

@@ -17,10 +17,11 @@ dual form, 30 steps; GD with step c / lambda_max(NTK at init), c in {1, 1.9} (st
 final training loss. Every run stops at a relative training error ||r||^2 / ||y - mean y||^2 of
 1e-5. Test error: MSE / Var(y_test) at the end. Timings: the harness's compiled ``pb.fit``.
 
-Finding (default run, 3 seeds, 2026-12-02): dual LM fits the 500 points in a median 2-7
-trials at every width up to P = 36,001 (0.016-0.07 s), while GD and Adam do not reach the
-target in 2,000 steps; but the fastest fit is not the best model: at H = 1,000 LM's test error
-(0.0157) is 1.7x Adam's (0.0090), at H = 50 it is the best (2e-6 against Adam's 6e-4).
+Finding (``experiments/run_all.py`` of 2026-12-02, 3 seeds, one CPU core; results/REPORT.md):
+dual LM fits the 500 points in a median 2-7 trials at every width up to P = 36,001
+(0.03-0.16 s), while GD and Adam mostly do not reach the target in 2,000 steps; but the fastest
+fit is not the best model: at H = 1,000 LM's test error (0.0157) is 1.6x Adam's (0.0096), at
+H = 50 it is the best (2e-6 against Adam's 6e-4).
 
     python experiments/overparameterized.py            # about a minute on 2 CPU cores
     python experiments/overparameterized.py --quick    # seconds (CI)

@@ -17,11 +17,11 @@ tangent of slope ``pb.partial`` and a central-difference chord. Table: ``pb.part
 agreement check over initialisations. Cost: all P partial derivatives, one JVP each, against one
 reverse-mode gradient, as P grows (``jax.jit``, compile time apart, median of 20 runs).
 
-Finding (default run, 5 seeds): ``pb.partial`` equals the gradient entry to 3.4e-16 and
-``pb.nudge`` to 3.2e-11 in float64 (2.3e-5 in float32); J^T r equals the gradient to 3.4e-16.
-Each partial derivative is the slope of its one-parameter cut at t = 0 only. One partial costs
-about a forward pass: all P of them one JVP at a time take 1.6x a reverse-mode gradient at P = 13
-and 3,540x at P = 3,073.
+Finding (``experiments/run_all.py`` of 2026-12-02, 5 seeds, one CPU core; results/REPORT.md):
+``pb.partial`` equals the gradient entry to 3.4e-16 and ``pb.nudge`` to 3.2e-11 in float64
+(2.3e-5 in float32); J^T r equals the gradient to 1.7e-16. Each partial derivative is the slope
+of its one-parameter cut at t = 0 only. One partial costs about a forward pass: all P of them
+one JVP at a time take 0.52x a reverse-mode gradient at P = 13 and 4,410x at P = 3,073.
 
     python experiments/partial_derivatives.py            # seconds
     python experiments/partial_derivatives.py --quick    # seconds (CI)

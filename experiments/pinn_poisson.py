@@ -22,12 +22,13 @@ The relative L2 error ||u_theta - u*|| / ||u*|| on a 101 x 101 grid is traced al
 ``pb.fit``'s callback; its time axis is steps x the time per step of the same run without a
 callback (compile excluded); "equal wall-clock" compares every method at the end of the shortest.
 
-Finding (default run, 3 seeds, 2026-12-02): LM reaches a median relative L2 error of 3.7e-5
-in 0.93 s and ENGD 1.5e-5 at its 100-step cap (2.7 s; seed 0 reaches 3.7e-7 in 82 steps),
-while Adam stays at 6.4e-3 after 20,000 steps (19 s): Gauss-Newton solves the ill-conditioned
-linearised problem in every direction at once, a first-order step is limited by the largest
-curvature. ENGD needs its truncated pseudo-inverse (rcond = sqrt(eps P)): the exact
-minimum-norm step follows J's 1e-13 directions and stalls at a relative error of 0.69.
+Finding (``experiments/run_all.py`` of 2026-12-02, 3 seeds, one CPU core; results/REPORT.md):
+ENGD reaches a median relative L2 error of 3.5e-7 at its 100-step cap (2.0 s; the published
+1e-6 to 1e-8), LM 3.7e-5 in 0.71 s (200 steps), while Adam stays at 7.0e-3 after 20,000 steps
+(13 s): Gauss-Newton solves the ill-conditioned linearised problem in every direction at once,
+a first-order step is limited by the largest curvature. ENGD needs its truncated pseudo-inverse
+(rcond = sqrt(eps P)): the exact minimum-norm step follows J's 1e-13 directions and stalled at
+a relative error of 0.69 when rcond was chosen (earlier run of the same day).
 
     python experiments/pinn_poisson.py            # a few minutes on 2 CPU cores
     python experiments/pinn_poisson.py --quick    # seconds (CI)

@@ -15,11 +15,13 @@ learning-rate grid (per width, by median time to target). Timings: the harness's
 time per step is measured on a few steps, and above P = 6,500 it is skipped (one Cholesky is
 P^3 / 3 flops).
 
-Finding (default run, 3 seeds, float32, 2026-12-02): primal LM's P^3 takes over past P ~ N:
-primal is faster per step up to P between 91 and 301, 270x slower than dual at P = 6,001
-(fitted slopes of time per step against P: primal 2.6, dual 1.1); dual LM reaches the target on
-3/3 seeds at every width up to P = 12,001 (3.8 s there, against 27 s for matrix-free CG LM;
-Adam reaches it on none).
+Finding (``experiments/run_all.py`` of 2026-12-02, 3 seeds, float32, one CPU core;
+results/REPORT.md): primal LM's P^3 takes over past P ~ N: primal is faster per step at
+P = 91, within 1.3x at 301, 11x slower than dual at 901 and 320x at P = 6,001 (fitted slopes
+of time per step against P: primal 3.0, dual 1.2); dual and matrix-free CG LM reach the target
+on 3/3 seeds at every width from P = 301 to 12,001 (10.9 s and 13.7 s at P = 12,001), Adam in
+4,000 steps only at P = 91-301 (below P = 91 every method stalls above the target on most
+seeds).
 
     python experiments/width_sweep.py            # a few minutes on 2 CPU cores
     python experiments/width_sweep.py --quick    # seconds (CI)
