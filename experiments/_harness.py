@@ -291,6 +291,19 @@ def progress(iterable: Iterable[Any], *, desc: str, disable: bool, total: int | 
 # ------------------------------------------------------------------------------ seeds
 
 
+def minibatches(seed: int, n: int, batch_size: int, epochs: int) -> jax.Array:
+    """(epochs * (n // batch_size), batch_size) example indices for ``pb.fit(...,
+    batch_indices=)``: a fresh permutation of the n examples per epoch (the remainder of each
+    dropped), the same for every method of a seed."""
+    rng = np.random.default_rng(1000 + seed)
+    per_epoch = n // batch_size
+    rows = [
+        rng.permutation(n)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
+        for _ in range(epochs)
+    ]
+    return jnp.asarray(np.concatenate(rows), jnp.int32)
+
+
 def keys(seeds: int, base: int = 0) -> jax.Array:
     """One PRNG key per seed."""
     return jax.random.split(jax.random.key(base), seeds)

@@ -108,17 +108,6 @@ def load(n_train: int | None):
     return jnp.asarray(x_tr), jnp.asarray(y_tr), jnp.asarray(x_te), jnp.asarray(y_te)
 
 
-def minibatches(seed: int, n: int, batch_size: int, epochs: int) -> jax.Array:
-    """(epochs * (n // batch_size), batch_size) indices: a fresh permutation per epoch."""
-    rng = np.random.default_rng(1000 + seed)
-    per_epoch = n // batch_size
-    rows = [
-        rng.permutation(n)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
-        for _ in range(epochs)
-    ]
-    return jnp.asarray(np.concatenate(rows), jnp.int32)
-
-
 def optimiser(method: str, lr: float | None, cfg: Config):
     def lm(solve):
         # pb.fit refuses a solver built without the loss its residual function carries.
@@ -140,7 +129,7 @@ def one_run(method, lr, seed, params, problem, cfg: Config) -> dict:
     kwargs, epochs_per_step = {}, 1.0
     steps = cfg.epochs[method]
     if method != "LM-CG full batch":
-        kwargs["batch_indices"] = minibatches(seed, n, cfg.batch_size, cfg.epochs[method])
+        kwargs["batch_indices"] = h.minibatches(seed, n, cfg.batch_size, cfg.epochs[method])
         steps = int(kwargs["batch_indices"].shape[0])
         epochs_per_step = cfg.batch_size / n
     opt = optimiser(method, lr, cfg)

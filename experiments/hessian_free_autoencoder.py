@@ -120,16 +120,6 @@ def optimiser(method: str, lr, cfg: Config):
     return optax.sgd(lr / cfg.batch_size, momentum=0.9, nesterov=True)
 
 
-def minibatches(seed: int, n: int, batch_size: int, epochs: int) -> jax.Array:
-    rng = np.random.default_rng(1000 + seed)
-    per_epoch = n // batch_size
-    rows = [
-        rng.permutation(n)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
-        for _ in range(epochs)
-    ]
-    return jnp.asarray(np.concatenate(rows), jnp.int32)
-
-
 # --- the runs -----------------------------------------------------------------------------------
 
 
@@ -137,7 +127,7 @@ def one_run(method, lr, seed, params, problem, cfg: Config) -> dict:
     residual_fn, x_tr, metric = problem
     batch, kwargs, steps, every = (x_tr, x_tr), {}, cfg.hf_steps, 1
     if method in cfg.rates:
-        kwargs["batch_indices"] = minibatches(seed, x_tr.shape[0], cfg.batch_size, cfg.epochs)
+        kwargs["batch_indices"] = h.minibatches(seed, x_tr.shape[0], cfg.batch_size, cfg.epochs)
         steps = int(kwargs["batch_indices"].shape[0])
         every = 10 * (x_tr.shape[0] // cfg.batch_size)  # every 10 epochs
     opt = optimiser(method, lr, cfg)
