@@ -335,3 +335,31 @@ def test_regression_residuals_of_an_mlp_fit_under_strict_rank_promotion():
     result = pb.fit(pb.regression_residuals(apply), params, pb.levenberg_marquardt(),
                     (xs, jnp.sin(3 * xs)), max_steps=60)  # fmt: skip
     assert result.history.loss[-1] < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", ["closure", "equinox", "flax", "cnn"])
+def test_a_long_traced_run_in_chunks_on_networks_users_bring(name, dtype, monkeypatch):
+    """The chunked traced run (past one TRACED_CHUNK) equals one loop under jit on an Equinox
+    MLP, a Flax NNX module, a closure and a CNN, float64 and float32 (Adam: every step runs)."""
+    from nets_zoo import ZOO, N
+
+    from paribus._fit import fitting
+
+    apply, params, xs = ZOO[name](dtype=dtype)
+    batch = (xs, jnp.sin(jnp.arange(2 * N, dtype=dtype).reshape(N, 2)))
+    fn = pb.regression_residuals(apply)
+    max_steps = fitting.TRACED_CHUNK + 8
+
+    def fit(p):
+        return pb.fit(fn, p, optax.adam(1e-2), batch, max_steps=max_steps)
+
+    chunked = jax.jit(fit)(params)
+    monkeypatch.setattr(fitting, "TRACED_CHUNK", max_steps + 1)
+    one_loop = jax.jit(fit)(params)
+    assert int(chunked.steps) == int(one_loop.steps) == max_steps
+    rtol = 1e-10 if dtype == jnp.float64 else 1e-4
+    np.testing.assert_allclose(chunked.history.loss, one_loop.history.loss, rtol=rtol)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol),
+                 chunked.params, one_loop.params)  # fmt: skip
+    assert chunked.history.loss.dtype == dtype

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from nets_zoo import ZOO, N
 
 import paribus as pb
 from paribus._fit import _compile
@@ -225,3 +226,25 @@ def test_compile_mode_is_checked():
     with pytest.raises(ValueError, match='compile_mode must be "auto", "quick" or "full"'):
         pb.fit(_exp_fit(*_exp_data()), jnp.ones(3), optax.adam(1e-2), None, max_steps=2,
                compile_mode="fast")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_quick_and_full_compiles_agree_on_every_network_users_bring(name, dtype):
+    """Equinox, Flax NNX, a closure, a CNN, attention, an RNN and pb.nets, float64 and float32:
+    XLA's cost analysis gives the choice a finite flop count (an unanalysable function would
+    silently compile fully), and six LM steps compiled both ways take the same trials to
+    rounding. Losses are compared against L_0: those networks interpolate their 6 examples,
+    and at L ~ 1e-13 L_0 the two compiles' roundings are the whole value."""
+    apply, params, xs = ZOO[name](dtype=dtype)
+    batch = (xs, jnp.sin(jnp.arange(2 * N, dtype=dtype).reshape(N, 2)))
+    fn = pb.regression_residuals(apply)
+    flops = _compile.residual_flops(fn, params, batch)
+    assert np.isfinite(flops) and flops > 0
+    quick, full = (pb.fit(fn, params, pb.levenberg_marquardt(), batch, max_steps=6,
+                          compile_mode=mode) for mode in ("quick", "full"))  # fmt: skip
+    assert quick.steps == full.steps == 6
+    np.testing.assert_array_equal(quick.history.accepted, full.history.accepted)
+    rtol, floor = (1e-7, 1e-12) if dtype == jnp.float64 else (2e-3, 1e-6)
+    l0 = float(full.history.loss[0])
+    np.testing.assert_allclose(quick.history.loss, full.history.loss, rtol=rtol, atol=floor * l0)
