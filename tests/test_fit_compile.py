@@ -248,3 +248,21 @@ def test_quick_and_full_compiles_agree_on_every_network_users_bring(name, dtype)
     rtol, floor = (1e-7, 1e-12) if dtype == jnp.float64 else (2e-3, 1e-6)
     l0 = float(full.history.loss[0])
     np.testing.assert_allclose(quick.history.loss, full.history.loss, rtol=rtol, atol=floor * l0)
+
+
+def test_the_estimate_counts_an_unhashable_residual_callable():
+    """A callable object that defines __eq__ without __hash__ (as a dataclass does) gets a
+    flop count like a function, not the 'no answer' that would compile it fully."""
+
+    class Residuals:
+        __hash__ = None
+
+        def __eq__(self, other):
+            return self is other
+
+        def __call__(self, p, batch):
+            return p * 2.0 - 1.0
+
+    assert _compile.residual_flops(Residuals(), jnp.ones(3), None) == 6.0
+    result = pb.fit(Residuals(), jnp.ones(3), pb.levenberg_marquardt(), None, max_steps=10)
+    np.testing.assert_allclose(result.params, 0.5)

@@ -23,6 +23,7 @@ The choice is made per call; the two compiled loops are cached apart, so a later
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -56,6 +57,10 @@ def on_cpu(params: Any) -> bool:
 def residual_flops(residual_fn, params, batch) -> float:
     """XLA's flop count of one ``residual_fn(params, batch)`` (lowered, not compiled); inf
     when the cost analysis has no answer."""
+    try:
+        hash(residual_fn)
+    except TypeError:  # jax.jit needs a hashable callable; jax.eval_shape wraps it the same way
+        residual_fn = functools.partial(residual_fn)
     try:
         cost = jax.jit(residual_fn).trace(params, batch).lower().cost_analysis()
     except Exception:  # noqa: BLE001 - an estimate only; the run itself reports real errors
