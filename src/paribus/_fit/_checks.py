@@ -22,7 +22,9 @@ def is_traced(tree: PyTree) -> bool:
     return any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(tree))
 
 
-def check_config(residual_fn, opt, max_steps, loss, callback, callback_every, progress):
+def check_config(
+    residual_fn, opt, max_steps, loss, callback, callback_every, progress, compile_mode
+):
     if not isinstance(max_steps, int | np.integer) or max_steps < 1:
         raise ValueError(f"pb.fit: max_steps must be an int >= 1; got {max_steps!r}.")
     if not callable(residual_fn):
@@ -46,6 +48,10 @@ def check_config(residual_fn, opt, max_steps, loss, callback, callback_every, pr
         )
     if not isinstance(callback_every, int | np.integer) or callback_every < 1:
         raise ValueError(f"pb.fit: callback_every must be an int >= 1; got {callback_every!r}.")
+    if compile_mode not in ("auto", "quick", "full"):
+        raise ValueError(
+            f'pb.fit: compile_mode must be "auto", "quick" or "full"; got {compile_mode!r}.'
+        )
 
 
 def check_number(name: str, value, *, allow_inf: bool = False) -> None:

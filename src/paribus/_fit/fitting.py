@@ -180,11 +180,9 @@ def fit(
             "pb.fit: batch_indices must be an (S, B) integer array; got an iterator. To "
             "stream minibatches, pass the iterator as batch."
         )
-    _checks.check_config(residual_fn, opt, max_steps, loss, callback, callback_every, progress)
-    if compile_mode not in ("auto", "quick", "full"):
-        raise ValueError(
-            f'pb.fit: compile_mode must be "auto", "quick" or "full"; got {compile_mode!r}.'
-        )
+    _checks.check_config(
+        residual_fn, opt, max_steps, loss, callback, callback_every, progress, compile_mode
+    )
     _tree.check_float_params(params, where="pb.fit")
     _check_tolerances(grad_tol, grad_rtol, step_tol, diverge_factor, target_loss)
     opt = optax.with_extra_args_support(opt)
