@@ -48,16 +48,20 @@ from zoo import PROBLEMS, Problem  # noqa: E402
 
 import paribus as pb  # noqa: E402
 
+# Every configuration but the last two is monotone (watchdog=None): the defaults before 2026-12-02.
+MONO = {"watchdog": None}
 CONFIGS = {
-    "nielsen (default before)": {},
-    "nielsen, marquardt scaling": {"scaling": "marquardt"},
-    "nielsen, tau 1e-6": {"init_damping": 1e-6},
-    "delayed (x2 / 3)": {"damping": "delayed"},
-    "trust_region, marquardt scaling": {"damping": "trust_region", "scaling": "marquardt"},
-    "nielsen + geodesic": {"geodesic": 0.75},
-    "nielsen, tau 1e-6 + geodesic": {"init_damping": 1e-6, "geodesic": 0.75},
+    "nielsen, monotone (default before)": MONO,
+    "nielsen, marquardt scaling": {**MONO, "scaling": "marquardt"},
+    "nielsen, tau 1e-6": {**MONO, "init_damping": 1e-6},
+    "delayed (x2 / 3)": {**MONO, "damping": "delayed"},
+    "trust_region, marquardt scaling": {**MONO, "damping": "trust_region", "scaling": "marquardt"},
+    "nielsen + geodesic": {**MONO, "geodesic": 0.75},
+    "nielsen, tau 1e-6 + geodesic": {**MONO, "init_damping": 1e-6, "geodesic": 0.75},
+    "watchdog 4": {"watchdog": 4},
+    "watchdog 8 (default)": {},
 }
-QUICK = ("nielsen (default before)", "nielsen, marquardt scaling", "nielsen + geodesic")
+QUICK = ("nielsen, monotone (default before)", "nielsen + geodesic", "watchdog 8 (default)")
 
 
 def _broyden_banded(x):
@@ -108,8 +112,10 @@ def minpack(problem, x0):
         f, np.asarray(x0, float), lambda x: np.asarray(jac(jnp.asarray(x))), method="lm",
         xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=100 * (len(x0) + 1) * 5,
     )  # fmt: skip
-    # scipy evaluates x0 once to check shapes before MINPACK evaluates it again.
-    return seen[1:], float(2 * res.cost)
+    # seen[0] is f(x0): scipy evaluates it once and serves MINPACK's own first evaluation from
+    # its cache (as any repeated point), so seen[k] follows k trials, as history.loss[k] does.
+    # (Until 2026-12-02 seen[0] was dropped, crediting MINPACK one trial too few.)
+    return seen, float(2 * res.cost)
 
 
 def minpack_refs(problem, starts, refs):
@@ -196,7 +202,7 @@ def net_minpack(residual_fn, params, batch):
     scipy.optimize.least_squares(f, np.asarray(flat, float), lambda v: np.asarray(jac(v)),
                                  method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15,
                                  max_nfev=2000)  # fmt: skip
-    return np.asarray(seen[1:])
+    return np.asarray(seen)  # seen[k] follows k trials (see minpack)
 
 
 def net_rows(names, dtype, max_steps):

@@ -21,7 +21,11 @@ class LevenbergMarquardtState(NamedTuple):
 
     ``damping``, ``nu`` and ``radius`` drive the next trial; ``scale`` is the running max of
     diag(J^T J) (Marquardt scaling; ones otherwise); ``tie_step`` is the norm of the last step
-    taken at the noise floor of L (0 after any other step; see ``update``). ``step_info``
+    taken at the noise floor of L (0 after any other step; see ``update``). The watchdog
+    (see ``levenberg_marquardt(watchdog=...)``): ``anchor`` (flat theta where the current
+    excursion began), its loss ``anchor_loss`` (0 before any) and the damping to resume
+    with there, ``excursion`` (trials the excursion has left; 0: none) and ``failures``
+    (excursions that ended back at their anchor). ``step_info``
     (:class:`pb.StepInfo`) describes the last trial: the loss and gradient norm it was computed
     from, its lam, gain ratio (-inf when the trial was not finite), acceptance, norm, trial
     loss and solve form.
@@ -33,8 +37,30 @@ class LevenbergMarquardtState(NamedTuple):
     radius: jax.Array
     scale: jax.Array
     tie_step: jax.Array
+    anchor: jax.Array
+    anchor_loss: jax.Array
+    anchor_damping: jax.Array
+    excursion: jax.Array
+    failures: jax.Array
     step_info: StepInfo
 
+
+WATCHDOG_TRIALS = 8
+"""``watchdog="auto"``: this many trials per excursion when every damping option is at its
+default (nielsen, identity scaling, lam0 = 1e-3 max diag(J^T J), the plain loss 1/2 ||r||^2,
+no geodesic: what ``benchmarks/lm_defaults.py`` measured); no watchdog once any is changed,
+so each option keeps its published behaviour ("marquardt" is MATLAB's trainlm,
+"trust_region" MINPACK's radius rules, an explicit lam0 is the first trial's damping) and a
+non-convex robust loss keeps the minimum nearest the start (scipy's) rather than the one
+Gauss-Newton's first step finds."""
+WATCHDOG_SHRINK = 1e-9
+"""An excursion's trials are damped by this factor times the damping LM would otherwise try
+(each step): Gauss-Newton's step in all but name, defined where J^T J is singular."""
+WATCHDOG_GROWTH = 1e3
+"""An excursion takes no trial whose loss exceeds this multiple of its anchor's."""
+WATCHDOG_FAILURES = 1
+"""Excursions start after rejections only until this many have failed (the first update's
+counts)."""
 
 TIE_SHRINK = 0.9
 """At the noise floor of L, steps are taken on the model's word while each is at most this
@@ -119,6 +145,58 @@ def _acceleration(residual_fn, params, batch, work, form, model, lam, d, v, cg_o
     return jnp.where(good, a, 0), jnp.where(good, bend, jnp.inf)
 
 
+class _Watch(NamedTuple):
+    update: jax.Array  # the flat update to return
+    accepted: jax.Array  # theta moves (a trial taken, or the return to the anchor)
+    revert: jax.Array  # the update is the return to the anchor
+    rule_owns: jax.Array  # the damping rule's (lam, nu, radius) stand; else ``damping``
+    damping: jax.Array
+    state: tuple  # (anchor, anchor_loss, anchor_damping, excursion, failures)
+
+
+def _watchdog(state, flat, value, trial_value, finite, accepted, delta, lam, plain, rejected_lam,
+              length):  # fmt: skip
+    """Chamberlain's watchdog (Chamberlain, Powell, Lemarechal & Pedersen 1982) for LM.
+
+    An excursion starts at the first update (its trial was taken at lam = plain *
+    WATCHDOG_SHRINK: Gauss-Newton's step) and at a rejected finite trial while no excursion
+    has failed: the trial is taken whatever its gain ratio, if its loss is at most
+    WATCHDOG_GROWTH times L, and theta_k is remembered as the anchor. Each later update of the
+    excursion takes its trial (damping shrunk by WATCHDOG_SHRINK each time); the first trial
+    with a loss below the anchor's ends the excursion there (success). After ``length`` trials
+    without one, or at a non-finite trial or one above WATCHDOG_GROWTH times the anchor's loss,
+    the update returns theta to the anchor, lam resumes where the excursion began (as after
+    a rejection; at the first update, the ordinary lam0), and no excursion starts again.
+    """
+    # theta_k below the anchor's loss: the excursion has succeeded (at the trial before);
+    # this update is ordinary LM's.
+    in_exc = (state.excursion > 0) & ~(value < state.anchor_loss)
+    first = state.count == 0
+    allowed = first | (~accepted & (state.failures < WATCHDOG_FAILURES))
+    start = ~in_exc & finite & (trial_value <= WATCHDOG_GROWTH * value) & allowed
+    success = in_exc & finite & (trial_value < state.anchor_loss)
+    go_on = (in_exc & finite & ~success & (state.excursion > 1)
+             & (trial_value <= WATCHDOG_GROWTH * state.anchor_loss))  # fmt: skip
+    revert = in_exc & ~success & ~go_on
+    take = (accepted & ~in_exc) | start | success | go_on
+    back = state.anchor - flat
+    update = jnp.where(take, delta, jnp.where(revert, back, 0))
+    onward = start | go_on | success
+    # First update, no excursion (the trial was NaN): ordinary LM from its own lam0.
+    damping = jnp.where(onward, lam * WATCHDOG_SHRINK, jnp.where(revert, state.anchor_damping,
+                                                                    plain))  # fmt: skip
+    rule_owns = ~onward & ~revert & ~(first & ~accepted)
+    resume = jnp.where(first, plain, rejected_lam)  # lam after a return to this anchor
+    new = (
+        jnp.where(start, flat, state.anchor),
+        jnp.where(start, value, state.anchor_loss),
+        jnp.where(start, resume, state.anchor_damping),
+        jnp.where(start, length, jnp.where(go_on, state.excursion - 1, 0)),
+        state.failures + revert.astype(jnp.int32),
+    )
+    return _Watch(update, take | revert, revert, rule_owns, damping, new)
+
+
 def _check_config(solve, damping, scaling, damping_bounds, *, where):
     _linear.check_solve(solve, where=where)
     rule = _damping.get_rule(damping, where=where)
@@ -146,6 +224,7 @@ def levenberg_marquardt(
     cg_preconditioner: str | None = "jacobi",
     dual_refine_steps: int = 10,
     geodesic: float | None = None,
+    watchdog: int | str | None = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """Levenberg-Marquardt: one damped Gauss-Newton trial per ``update``, kept if it pays.
 
@@ -172,10 +251,9 @@ def levenberg_marquardt(
         time; its code is ``state.step_info.form``.
       damping: "nielsen", "marquardt", "delayed" or "trust_region" (see
         ``paribus.solvers._damping``). The defaults (nielsen, identity scaling, lam0 = 1e-3
-        max diag(J^T J), no geodesic) were kept by ``benchmarks/lm_defaults.py``: no
-        alternative there did better on the MGH problems, an N < P and an N > P network
-        together in float64. Marquardt scaling was better in float32 and on the N > P network;
-        ``init_damping=1e-6, geodesic=0.75`` on the N < P one (see ``geodesic``).
+        max diag(J^T J), watchdog 8, no geodesic) were chosen by ``benchmarks/lm_defaults.py``
+        (MGH problems, an N < P and an N > P network, float64 and float32; figures in
+        ``benchmarks/RESULTS.md``).
       scaling: "identity" (D = I) or "marquardt" (D = running max of diag(J^T J), MINPACK,
         floored at ``scaling_floor`` times its largest entry).
       init_damping: lam0, absolute or (``init_damping_relative``) times max diag(J^T J) / D at
@@ -191,6 +269,20 @@ def levenberg_marquardt(
         when lam is within 10x of the kernel's rounding floor eps ||J J^T||_F, where the
         Cholesky of a kernel formed in floating point is noise (float32 with large P); each
         step costs one VJP and one JVP. 0 keeps the bare Cholesky step.
+      watchdog: "auto" (8 when damping, scaling, init_damping, init_damping_relative, loss
+        and geodesic are at their defaults, else None), None (monotone LM: no accepted step
+        raises L), or k >= 1: a non-monotone start (Chamberlain's watchdog, 1982). The first
+        trial is Gauss-Newton's step (lam shrunk 1e-9-fold) and is taken whatever its gain
+        ratio (if L_trial <= 1e3 L); the next trials too (lam shrunk 1e-9-fold each), until
+        one is below L(theta_0): from there LM goes on as usual. After k trials without one
+        (or a non-finite trial) the update returns theta to theta_0 and LM starts over from
+        lam0. While no excursion has failed, a rejected trial starts one the same way from
+        the current theta; ordinary rejections raise lam to at least 2 ||g|| / ||delta||
+        (the next step at most half as long). So LM is as fast as Gauss-Newton where
+        Gauss-Newton works (the benchmark's network with N < P: 6 trials, monotone LM 158)
+        and costs at most k + 1 trials more where it does not. The loss can rise for up to k
+        steps (accepted steps with a negative gain ratio in the history); a run stopped by
+        ``max_steps`` inside an excursion ends above its best loss.
       geodesic: None, or alpha > 0 to add geodesic acceleration (Transtrum & Sethna 2012):
         with v the step above, solve (J^T J + lam D) a = -J^T r_vv, r_vv = d^2/dt^2
         r(theta + t v) at t = 0 (two nested JVPs), and try delta = v + a / 2, the
@@ -228,6 +320,16 @@ def levenberg_marquardt(
         raise ValueError(
             f"{where}: geodesic must be None or alpha > 0 (e.g. 0.75); got {geodesic}."
         )
+    if watchdog == "auto":  # on with the configuration the benchmark measured, else off
+        measured = (damping, scaling, init_damping, init_damping_relative, loss, geodesic)
+        watchdog = WATCHDOG_TRIALS if measured == ("nielsen", "identity", *[None] * 4) else None
+    if watchdog is not None and not (
+        isinstance(watchdog, int) and not isinstance(watchdog, bool) and watchdog >= 1
+    ):
+        raise ValueError(
+            f"{where}: watchdog must be 'auto', None or an int >= 1 (trials an excursion may "
+            f"take); got {watchdog!r}."
+        )
     if int(dual_refine_steps) < 0:
         raise ValueError(f"{where}: dual_refine_steps must be >= 0; got {dual_refine_steps}.")
     dual_options = _forms.DualOptions(max_steps=int(dual_refine_steps))
@@ -248,6 +350,11 @@ def levenberg_marquardt(
             radius=jnp.where(radius > 0, radius, 100).astype(dt),
             scale=jnp.zeros(flat.shape, dt),
             tie_step=jnp.zeros((), dt),
+            anchor=jnp.zeros(flat.shape, dt),
+            anchor_loss=jnp.zeros((), dt),
+            anchor_damping=jnp.asarray(lam0, dt),
+            excursion=jnp.zeros((), jnp.int32),
+            failures=jnp.zeros((), jnp.int32),
             step_info=empty_step_info(dt),
         )
 
@@ -270,6 +377,9 @@ def levenberg_marquardt(
         d, running = _scaling(state, model, scaling, scaling_floor)
         lam = _first_damping(state, model, d, lam0) if relative else state.damping
         lam = jnp.clip(lam, lo, hi)
+        plain = lam  # the damping ordinary LM would try now
+        if watchdog is not None:  # the first trial is (almost) Gauss-Newton's step
+            lam = jnp.where(state.count == 0, jnp.clip(lam * WATCHDOG_SHRINK, lo, hi), lam)
         sol = _forms.solve(
             form, model, lam, d, min_norm=False, cg_options=cg_options, dual_options=dual_options
         )
@@ -308,6 +418,27 @@ def levenberg_marquardt(
         step_norm = jnp.linalg.norm(delta)
         tie_step = jnp.where(tie, step_norm, 0).astype(dt)
         new_lam, nu, radius = rule.update(lam, state.nu, state.radius, rho_rule, accepted, snorm)
+        update = jnp.where(accepted, delta, 0)
+        watch = (state.anchor, state.anchor_loss, state.anchor_damping, state.excursion,
+                 state.failures)  # fmt: skip
+        if watchdog is not None:
+            rejected_lam = rule.update(lam, state.nu, state.radius, -jnp.inf, False, snorm)[0]
+            # An ordinary rejection (not an excursion's): after the excursions' tiny lam,
+            # doubling lam would take dozens of trials to matter. ||delta(lam)|| <= ||g|| / lam,
+            # so lam >= 2 ||g|| / ||delta|| makes the next step at most half as long, in one
+            # trial (D = I only: with D it would need D^-1/2 g).
+            floor = 0.0 if d is not None else 2 * sol.gnorm / jnp.where(snorm > 0, snorm, jnp.inf)
+            wd = _watchdog(
+                state, work.flat, model.value.astype(dt), trial_value.astype(dt),
+                ok & jnp.isfinite(actual), accepted, delta, lam, plain, rejected_lam, watchdog,
+            )  # fmt: skip
+            update, accepted = wd.update, wd.accepted
+            new_lam = jnp.where(wd.rule_owns & ~wd.accepted, jnp.maximum(new_lam, floor), new_lam)
+            new_lam = jnp.where(wd.rule_owns, new_lam, wd.damping)
+            nu = jnp.where(wd.rule_owns, nu, state.nu)
+            radius = jnp.where(wd.rule_owns, radius, state.radius)
+            step_norm = jnp.where(wd.revert, jnp.linalg.norm(update), step_norm)
+            watch = wd.state
         next_lam = jnp.clip(new_lam, lo, hi).astype(lam.dtype)
         info = step_info(
             loss=model.value.astype(dt),
@@ -329,8 +460,13 @@ def levenberg_marquardt(
             radius=radius.astype(dt),
             scale=running,
             tie_step=tie_step,
+            anchor=watch[0],
+            anchor_loss=watch[1].astype(dt),
+            anchor_damping=watch[2].astype(dt),
+            excursion=watch[3].astype(jnp.int32),
+            failures=watch[4].astype(jnp.int32),
             step_info=info,
         )
-        return work.unravel(jnp.where(accepted, delta, 0)), new_state
+        return work.unravel(update), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
