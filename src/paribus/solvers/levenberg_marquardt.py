@@ -270,8 +270,10 @@ def levenberg_marquardt(
         Cholesky of a kernel formed in floating point is noise (float32 with large P); each
         step costs one VJP and one JVP. 0 keeps the bare Cholesky step.
       watchdog: "auto" (8 when damping, scaling, init_damping, init_damping_relative, loss
-        and geodesic are at their defaults, else None), None (monotone LM: no accepted step
-        raises L), or k >= 1: a non-monotone start (Chamberlain's watchdog, 1982). The first
+        and geodesic are at their defaults and the residual function carries no loss of its
+        own, as ``pb.losses.network_outputs`` does; else None), None (monotone LM: no
+        accepted step raises L), or k >= 1: a non-monotone start (Chamberlain's watchdog,
+        1982). The first
         trial is Gauss-Newton's step (lam shrunk 1e-9-fold) and is taken whatever its gain
         ratio (if L_trial <= 1e3 L); the next trials too (lam shrunk 1e-9-fold each), until
         one is below L(theta_0): from there LM goes on as usual. After k trials without one
@@ -320,7 +322,8 @@ def levenberg_marquardt(
         raise ValueError(
             f"{where}: geodesic must be None or alpha > 0 (e.g. 0.75); got {geodesic}."
         )
-    if watchdog == "auto":  # on with the configuration the benchmark measured, else off
+    auto = watchdog == "auto"
+    if auto:  # on with the configuration the benchmark measured, else off
         measured = (damping, scaling, init_damping, init_damping_relative, loss, geodesic)
         watchdog = WATCHDOG_TRIALS if measured == ("nielsen", "identity", *[None] * 4) else None
     if watchdog is not None and not (
@@ -378,7 +381,11 @@ def levenberg_marquardt(
         lam = _first_damping(state, model, d, lam0) if relative else state.damping
         lam = jnp.clip(lam, lo, hi)
         plain = lam  # the damping ordinary LM would try now
-        if watchdog is not None:  # the first trial is (almost) Gauss-Newton's step
+        # "auto" also stays off when the objective carries its own loss (an output or robust
+        # loss given through the residual function, not to this optimiser).
+        carried = model.e is not None or model.linearization.loss is not None
+        watching = watchdog is not None and not (auto and carried)
+        if watching:  # the first trial is (almost) Gauss-Newton's step
             lam = jnp.where(state.count == 0, jnp.clip(lam * WATCHDOG_SHRINK, lo, hi), lam)
         sol = _forms.solve(
             form, model, lam, d, min_norm=False, cg_options=cg_options, dual_options=dual_options
@@ -421,7 +428,7 @@ def levenberg_marquardt(
         update = jnp.where(accepted, delta, 0)
         watch = (state.anchor, state.anchor_loss, state.anchor_damping, state.excursion,
                  state.failures)  # fmt: skip
-        if watchdog is not None:
+        if watching:
             rejected_lam = rule.update(lam, state.nu, state.radius, -jnp.inf, False, snorm)[0]
             # An ordinary rejection (not an excursion's): after the excursions' tiny lam,
             # doubling lam would take dozens of trials to matter. ||delta(lam)|| <= ||g|| / lam,
