@@ -151,7 +151,7 @@ class _Watch(NamedTuple):
     revert: jax.Array  # the update is the return to the anchor
     rule_owns: jax.Array  # the damping rule's (lam, nu, radius) stand; else ``damping``
     damping: jax.Array
-    state: tuple  # (anchor, anchor_loss, anchor_damping, excursion, failures)
+    fields: dict  # the state's watchdog fields after this update
 
 
 def _watchdog(state, flat, value, trial_value, finite, accepted, delta, lam, plain, rejected_lam,
@@ -187,14 +187,14 @@ def _watchdog(state, flat, value, trial_value, finite, accepted, delta, lam, pla
                                                                     plain))  # fmt: skip
     rule_owns = ~onward & ~revert & ~(first & ~accepted)
     resume = jnp.where(first, plain, rejected_lam)  # lam after a return to this anchor
-    new = (
-        jnp.where(start, flat, state.anchor),
-        jnp.where(start, value, state.anchor_loss),
-        jnp.where(start, resume, state.anchor_damping),
-        jnp.where(start, length, jnp.where(go_on, state.excursion - 1, 0)),
-        state.failures + revert.astype(jnp.int32),
-    )
-    return _Watch(update, take | revert, revert, rule_owns, damping, new)
+    fields = {
+        "anchor": jnp.where(start, flat, state.anchor),
+        "anchor_loss": jnp.where(start, value, state.anchor_loss),
+        "anchor_damping": jnp.where(start, resume, state.anchor_damping),
+        "excursion": jnp.where(start, length, jnp.where(go_on, state.excursion - 1, 0)),
+        "failures": state.failures + revert.astype(jnp.int32),
+    }
+    return _Watch(update, take | revert, revert, rule_owns, damping, fields)
 
 
 def _check_config(solve, damping, scaling, damping_bounds, *, where):
@@ -273,14 +273,13 @@ def levenberg_marquardt(
         and geodesic are at their defaults and the residual function carries no loss of its
         own, as ``pb.losses.network_outputs`` does; else None), None (monotone LM: no
         accepted step raises L), or k >= 1: a non-monotone start (Chamberlain's watchdog,
-        1982). The first
-        trial is Gauss-Newton's step (lam shrunk 1e-9-fold) and is taken whatever its gain
-        ratio (if L_trial <= 1e3 L); the next trials too (lam shrunk 1e-9-fold each), until
-        one is below L(theta_0): from there LM goes on as usual. After k trials without one
-        (or a non-finite trial) the update returns theta to theta_0 and LM starts over from
-        lam0. While no excursion has failed, a rejected trial starts one the same way from
-        the current theta; ordinary rejections raise lam to at least 2 ||g|| / ||delta||
-        (the next step at most half as long). So LM is as fast as Gauss-Newton where
+        1982). The first trial is Gauss-Newton's step (lam shrunk 1e-9-fold) and is taken
+        whatever its gain ratio (if L_trial <= 1e3 L); the next trials too (lam shrunk
+        1e-9-fold each), until one is below L(theta_0): from there LM goes on as usual.
+        After k trials without one (or a non-finite trial) the update returns theta to
+        theta_0 and LM starts over from lam0. While no excursion has failed, a rejected
+        trial starts one the same way from the current theta; ordinary rejections raise
+        lam to at least 2 ||g|| / ||delta|| (the next step at most half as long). So LM is as fast as Gauss-Newton where
         Gauss-Newton works (the benchmark's network with N < P: 6 trials, monotone LM 158)
         and costs at most k + 1 trials more where it does not. The loss can rise for up to k
         steps (accepted steps with a negative gain ratio in the history); a run stopped by
@@ -426,8 +425,7 @@ def levenberg_marquardt(
         tie_step = jnp.where(tie, step_norm, 0).astype(dt)
         new_lam, nu, radius = rule.update(lam, state.nu, state.radius, rho_rule, accepted, snorm)
         update = jnp.where(accepted, delta, 0)
-        watch = (state.anchor, state.anchor_loss, state.anchor_damping, state.excursion,
-                 state.failures)  # fmt: skip
+        watch = {}  # the watchdog's state fields, unchanged without it
         if watching:
             rejected_lam = rule.update(lam, state.nu, state.radius, -jnp.inf, False, snorm)[0]
             # An ordinary rejection (not an excursion's): after the excursions' tiny lam,
@@ -445,7 +443,7 @@ def levenberg_marquardt(
             nu = jnp.where(wd.rule_owns, nu, state.nu)
             radius = jnp.where(wd.rule_owns, radius, state.radius)
             step_norm = jnp.where(wd.revert, jnp.linalg.norm(update), step_norm)
-            watch = wd.state
+            watch = wd.fields
         next_lam = jnp.clip(new_lam, lo, hi).astype(lam.dtype)
         info = step_info(
             loss=model.value.astype(dt),
@@ -467,13 +465,13 @@ def levenberg_marquardt(
             radius=radius.astype(dt),
             scale=running,
             tie_step=tie_step,
-            anchor=watch[0],
-            anchor_loss=watch[1].astype(dt),
-            anchor_damping=watch[2].astype(dt),
-            excursion=watch[3].astype(jnp.int32),
-            failures=watch[4].astype(jnp.int32),
+            anchor=state.anchor,
+            anchor_loss=state.anchor_loss,
+            anchor_damping=state.anchor_damping,
+            excursion=state.excursion,
+            failures=state.failures,
             step_info=info,
-        )
+        )._replace(**watch)
         return work.unravel(update), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
