@@ -44,12 +44,9 @@ def main(quick: bool = False):
     params = init(jax.random.key(0))
     residual_fn = pb.regression_residuals(apply)
     steps = 10 if quick else 30
-    # Monotone LM (watchdog=None): the default's first trials are Gauss-Newton's, whose float32
-    # solves amplify the different summation order into visibly different paths (0.47 seen).
-    lm = pb.levenberg_marquardt(watchdog=None)
 
     # --- The same LM run twice: on one device, then with the batch split over all of them ---------
-    single = pb.fit(residual_fn, params, lm, (xs, ys), max_steps=steps)
+    single = pb.fit(residual_fn, params, pb.levenberg_marquardt(), (xs, ys), max_steps=steps)
 
     batch = pb.sharding.shard_batch((xs, ys), mesh)
     placed = pb.sharding.replicate(params, mesh)
@@ -57,7 +54,7 @@ def main(quick: bool = False):
     print(
         f"xs {xs.shape} is held as {len(shards)} shard(s) of shape {shards[0]}: {batch[0].sharding}"
     )
-    sharded = pb.fit(residual_fn, placed, lm, batch, max_steps=steps)
+    sharded = pb.fit(residual_fn, placed, pb.levenberg_marquardt(), batch, max_steps=steps)
 
     # --- Compare ----------------------------------------------------------------------------------
     a = np.asarray(ravel_pytree(single.params)[0])

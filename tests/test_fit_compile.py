@@ -7,8 +7,6 @@ cover the first call itself (benchmarks/compile_time.py measures its time).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -171,10 +169,6 @@ def test_quick_and_full_compiles_take_the_same_steps(make_opt):
     xs = jax.random.normal(key_x, (60, 2))
     batch = (xs, jnp.sin(xs[:, :1] * 2.0) + xs[:, 1:] ** 2)
     fn, params = pb.regression_residuals(apply), init(key_w)
-    if make_opt is pb.levenberg_marquardt:
-        # Monotone LM: the default's first trials are Gauss-Newton's (its watchdog), which
-        # amplify the two compiles' rounding to 1e-7 here, as GN's own do.
-        make_opt = functools.partial(pb.levenberg_marquardt, watchdog=None)
     quick, full = (pb.fit(fn, params, make_opt(), batch, max_steps=8, compile_mode=mode)
                    for mode in ("quick", "full"))  # fmt: skip
     assert quick.steps == full.steps == 8
@@ -247,11 +241,8 @@ def test_quick_and_full_compiles_agree_on_every_network_users_bring(name, dtype)
     fn = pb.regression_residuals(apply)
     flops = _compile.residual_flops(fn, params, batch)
     assert np.isfinite(flops) and flops > 0
-    # Monotone LM: Gauss-Newton's first trials (the default's watchdog) amplify the compiles'
-    # rounding beyond these tolerances on some of these networks (Flax NNX in float32).
-    opt = pb.levenberg_marquardt(watchdog=None)
-    quick, full = (pb.fit(fn, params, opt, batch, max_steps=6, compile_mode=mode)
-                   for mode in ("quick", "full"))  # fmt: skip
+    quick, full = (pb.fit(fn, params, pb.levenberg_marquardt(), batch, max_steps=6,
+                          compile_mode=mode) for mode in ("quick", "full"))  # fmt: skip
     assert quick.steps == full.steps == 6
     np.testing.assert_array_equal(quick.history.accepted, full.history.accepted)
     rtol, floor = (1e-7, 1e-12) if dtype == jnp.float64 else (2e-3, 1e-6)

@@ -241,8 +241,7 @@ def test_float32_dual_lm_reaches_target_where_kernel_rounding_stalled_it():
     target = 0.5 * 256 * 1e-4
 
     def run(refine):
-        # Monotone LM, as in the width sweep when it stalled (the watchdog takes another path).
-        opt = pb.levenberg_marquardt(solve="dual", dual_refine_steps=refine, watchdog=None)
+        opt = pb.levenberg_marquardt(solve="dual", dual_refine_steps=refine)
         return pb.fit(residual_fn, params, opt, batch, max_steps=150, target_loss=target)
 
     refined, bare = run(10), run(0)
@@ -465,10 +464,10 @@ def test_non_finite_trial_is_a_rejection_not_a_poisoned_state():
 def test_relative_and_absolute_initial_damping():
     params, residual_fn, batch = mlp_problem()
     jac, _, _ = dense_jacobian(residual_fn, params, batch)
-    _, state = one_step(pb.levenberg_marquardt(watchdog=None), params, residual_fn, batch)
-    assert float(state.step_info.damping) == pytest.approx(1e-3 * np.max(np.sum(jac**2, 0)))
-    # The default's first trial is Gauss-Newton's (the watchdog): 1e-9 of that lam0.
     _, state = one_step(pb.levenberg_marquardt(), params, residual_fn, batch)
+    assert float(state.step_info.damping) == pytest.approx(1e-3 * np.max(np.sum(jac**2, 0)))
+    # With the watchdog the first trial is Gauss-Newton's: 1e-9 of that lam0.
+    _, state = one_step(pb.levenberg_marquardt(watchdog=8), params, residual_fn, batch)
     assert float(state.step_info.damping) == pytest.approx(1e-12 * np.max(np.sum(jac**2, 0)))
     _, state = one_step(pb.levenberg_marquardt(damping="marquardt"), params, residual_fn, batch)
     assert float(state.step_info.damping) == pytest.approx(1e-3)

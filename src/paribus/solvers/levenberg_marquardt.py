@@ -45,14 +45,6 @@ class LevenbergMarquardtState(NamedTuple):
     step_info: StepInfo
 
 
-WATCHDOG_TRIALS = 8
-"""``watchdog="auto"``: this many trials per excursion when every damping option is at its
-default (nielsen, identity scaling, lam0 = 1e-3 max diag(J^T J), the plain loss 1/2 ||r||^2,
-no geodesic: what ``benchmarks/lm_defaults.py`` measured); no watchdog once any is changed,
-so each option keeps its published behaviour ("marquardt" is MATLAB's trainlm,
-"trust_region" MINPACK's radius rules, an explicit lam0 is the first trial's damping) and a
-non-convex robust loss keeps the minimum nearest the start (scipy's) rather than the one
-Gauss-Newton's first step finds."""
 WATCHDOG_SHRINK = 1e-9
 """An excursion's trials are damped by this factor times the damping LM would otherwise try
 (each step): Gauss-Newton's step in all but name, defined where J^T J is singular."""
@@ -224,7 +216,7 @@ def levenberg_marquardt(
     cg_preconditioner: str | None = "jacobi",
     dual_refine_steps: int = 10,
     geodesic: float | None = None,
-    watchdog: int | str | None = "auto",
+    watchdog: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Levenberg-Marquardt: one damped Gauss-Newton trial per ``update``, kept if it pays.
 
@@ -251,9 +243,9 @@ def levenberg_marquardt(
         time; its code is ``state.step_info.form``.
       damping: "nielsen", "marquardt", "delayed" or "trust_region" (see
         ``paribus.solvers._damping``). The defaults (nielsen, identity scaling, lam0 = 1e-3
-        max diag(J^T J), watchdog 8, no geodesic) were chosen by ``benchmarks/lm_defaults.py``
-        (MGH problems, an N < P and an N > P network, float64 and float32; figures in
-        ``benchmarks/RESULTS.md``).
+        max diag(J^T J), no watchdog, no geodesic) were kept by ``benchmarks/lm_defaults.py``
+        and ``benchmarks/lm_watchdog_nets.py`` (MGH problems, MLPs with N < P and N > P, the
+        networks users bring; float64 and float32; figures in ``benchmarks/RESULTS.md``).
       scaling: "identity" (D = I) or "marquardt" (D = running max of diag(J^T J), MINPACK,
         floored at ``scaling_floor`` times its largest entry).
       init_damping: lam0, absolute or (``init_damping_relative``) times max diag(J^T J) / D at
@@ -269,21 +261,24 @@ def levenberg_marquardt(
         when lam is within 10x of the kernel's rounding floor eps ||J J^T||_F, where the
         Cholesky of a kernel formed in floating point is noise (float32 with large P); each
         step costs one VJP and one JVP. 0 keeps the bare Cholesky step.
-      watchdog: "auto" (8 when damping, scaling, init_damping, init_damping_relative, loss
-        and geodesic are at their defaults and the residual function carries no loss of its
-        own, as ``pb.losses.network_outputs`` does; else None), None (monotone LM: no
-        accepted step raises L), or k >= 1: a non-monotone start (Chamberlain's watchdog,
-        1982). The first trial is Gauss-Newton's step (lam shrunk 1e-9-fold) and is taken
-        whatever its gain ratio (if L_trial <= 1e3 L); the next trials too (lam shrunk
-        1e-9-fold each), until one is below L(theta_0): from there LM goes on as usual.
-        After k trials without one (or a non-finite trial) the update returns theta to
-        theta_0 and LM starts over from lam0. While no excursion has failed, a rejected
-        trial starts one the same way from the current theta; ordinary rejections raise
-        lam to at least 2 ||g|| / ||delta|| (the next step at most half as long). So LM is as fast as Gauss-Newton where
-        Gauss-Newton works (the benchmark's network with N < P: 6 trials, monotone LM 158)
-        and costs at most k + 1 trials more where it does not. The loss can rise for up to k
-        steps (accepted steps with a negative gain ratio in the history); a run stopped by
-        ``max_steps`` inside an excursion ends above its best loss.
+      watchdog: None (monotone LM: no accepted step raises L), or k >= 1: a non-monotone
+        start (Chamberlain's watchdog, 1982). The first trial is Gauss-Newton's step (lam
+        shrunk 1e-9-fold) and is taken whatever its gain ratio (if L_trial <= 1e3 L); the next
+        trials too (lam shrunk 1e-9-fold each), until one is below L(theta_0): from there LM
+        goes on as usual. After k trials without one (or a non-finite trial) the update
+        returns theta to theta_0 and LM starts over from lam0. While no excursion has failed,
+        a rejected trial starts one the same way from the current theta; ordinary rejections
+        raise lam to at least 2 ||g|| / ||delta|| (D = I; the next step at most half as
+        long). The loss can rise for up to k steps (accepted steps with a negative gain ratio
+        in the history); a run stopped by ``max_steps`` inside an excursion ends above its
+        best loss. Opt-in, measured by ``benchmarks/lm_defaults.py`` and
+        ``benchmarks/lm_watchdog_nets.py`` (``benchmarks/RESULTS.md``): with k = 8, as fast
+        as Gauss-Newton on the 1-32-1 MLP with N < P (6 trials against monotone LM's 158)
+        and MINPACK's trials on the MGH problems (median ratio 1.0 against 1.21); but on
+        the networks of ``tests/nets_zoo.py`` it is as often slower as faster, ends 3-35x
+        higher after 100 trials on the MLPs with N > P (pb.nets, Equinox), and on the RNN
+        its 1e-20-damped steps saturate the network (||delta|| ~ 1e8) where monotone LM
+        keeps descending.
       geodesic: None, or alpha > 0 to add geodesic acceleration (Transtrum & Sethna 2012):
         with v the step above, solve (J^T J + lam D) a = -J^T r_vv, r_vv = d^2/dt^2
         r(theta + t v) at t = 0 (two nested JVPs), and try delta = v + a / 2, the
@@ -321,16 +316,12 @@ def levenberg_marquardt(
         raise ValueError(
             f"{where}: geodesic must be None or alpha > 0 (e.g. 0.75); got {geodesic}."
         )
-    auto = watchdog == "auto"
-    if auto:  # on with the configuration the benchmark measured, else off
-        measured = (damping, scaling, init_damping, init_damping_relative, loss, geodesic)
-        watchdog = WATCHDOG_TRIALS if measured == ("nielsen", "identity", *[None] * 4) else None
     if watchdog is not None and not (
         isinstance(watchdog, int) and not isinstance(watchdog, bool) and watchdog >= 1
     ):
         raise ValueError(
-            f"{where}: watchdog must be 'auto', None or an int >= 1 (trials an excursion may "
-            f"take); got {watchdog!r}."
+            f"{where}: watchdog must be None or an int >= 1 (trials an excursion may take); "
+            f"got {watchdog!r}."
         )
     if int(dual_refine_steps) < 0:
         raise ValueError(f"{where}: dual_refine_steps must be >= 0; got {dual_refine_steps}.")
@@ -380,11 +371,7 @@ def levenberg_marquardt(
         lam = _first_damping(state, model, d, lam0) if relative else state.damping
         lam = jnp.clip(lam, lo, hi)
         plain = lam  # the damping ordinary LM would try now
-        # "auto" also stays off when the objective carries its own loss (an output or robust
-        # loss given through the residual function, not to this optimiser).
-        carried = model.e is not None or model.linearization.loss is not None
-        watching = watchdog is not None and not (auto and carried)
-        if watching:  # the first trial is (almost) Gauss-Newton's step
+        if watchdog is not None:  # the first trial is (almost) Gauss-Newton's step
             lam = jnp.where(state.count == 0, jnp.clip(lam * WATCHDOG_SHRINK, lo, hi), lam)
         sol = _forms.solve(
             form, model, lam, d, min_norm=False, cg_options=cg_options, dual_options=dual_options
@@ -426,7 +413,7 @@ def levenberg_marquardt(
         new_lam, nu, radius = rule.update(lam, state.nu, state.radius, rho_rule, accepted, snorm)
         update = jnp.where(accepted, delta, 0)
         watch = {}  # the watchdog's state fields, unchanged without it
-        if watching:
+        if watchdog is not None:
             rejected_lam = rule.update(lam, state.nu, state.radius, -jnp.inf, False, snorm)[0]
             # An ordinary rejection (not an excursion's): after the excursions' tiny lam,
             # doubling lam would take dozens of trials to matter. ||delta(lam)|| <= ||g|| / lam,
