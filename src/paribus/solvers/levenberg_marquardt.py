@@ -272,13 +272,14 @@ def levenberg_marquardt(
         long). The loss can rise for up to k steps (accepted steps with a negative gain ratio
         in the history); a run stopped by ``max_steps`` inside an excursion ends above its
         best loss. Opt-in, measured by ``benchmarks/lm_defaults.py`` and
-        ``benchmarks/lm_watchdog_nets.py`` (``benchmarks/RESULTS.md``): with k = 8, as fast
-        as Gauss-Newton on the 1-32-1 MLP with N < P (6 trials against monotone LM's 158)
-        and MINPACK's trials on the MGH problems (median ratio 1.0 against 1.21); but on
-        the networks of ``tests/nets_zoo.py`` it is as often slower as faster, ends 3-35x
-        higher after 100 trials on the MLPs with N > P (pb.nets, Equinox), and on the RNN
-        its 1e-20-damped steps saturate the network (||delta|| ~ 1e8) where monotone LM
-        keeps descending.
+        ``benchmarks/lm_watchdog_nets.py`` (``benchmarks/RESULTS.md``): where Gauss-Newton
+        converges it takes Gauss-Newton's trials (k >= 4; the 1-32-1 MLP with N < P: 6
+        against monotone LM's 158; Equinox, CNN and attention with N < P: 8, 6 and 8 against
+        10, 7 and 12) and MINPACK's on the MGH problems (median ratio 1.0 against 1.21). Where
+        Gauss-Newton fails it costs more than monotone LM (Flax NNX 21 trials against 12,
+        pb.nets in float32 23 against 9); with N > P it ends 3-45x higher after 100 trials on
+        the MLPs, and on the RNN its 1e-20-damped steps saturate the network (||delta|| ~ 1e8)
+        where monotone LM keeps descending.
       geodesic: None, or alpha > 0 to add geodesic acceleration (Transtrum & Sethna 2012):
         with v the step above, solve (J^T J + lam D) a = -J^T r_vv, r_vv = d^2/dt^2
         r(theta + t v) at t = 0 (two nested JVPs), and try delta = v + a / 2, the
