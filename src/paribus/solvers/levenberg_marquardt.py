@@ -49,7 +49,7 @@ WATCHDOG_SHRINK = 1e-9
 """An excursion's trials are damped by this factor times the damping LM would otherwise try
 (each step): Gauss-Newton's step in all but name, defined where J^T J is singular."""
 WATCHDOG_GROWTH = 1e3
-"""An excursion takes no trial whose loss exceeds this multiple of its anchor's."""
+"""An excursion starts only with a trial whose loss is at most this multiple of L."""
 WATCHDOG_FAILURES = 1
 """Excursions start after rejections only until this many have failed (the first update's
 counts)."""
@@ -154,9 +154,9 @@ def _watchdog(state, flat, value, trial_value, finite, accepted, delta, lam, pla
     WATCHDOG_SHRINK: Gauss-Newton's step) and at a rejected finite trial while no excursion
     has failed: the trial is taken whatever its gain ratio, if its loss is at most
     WATCHDOG_GROWTH times L, and theta_k is remembered as the anchor. Each later update of the
-    excursion takes its trial (damping shrunk by WATCHDOG_SHRINK each time); the first trial
-    with a loss below the anchor's ends the excursion there (success). After ``length`` trials
-    without one, or at a non-finite trial or one above WATCHDOG_GROWTH times the anchor's loss,
+    excursion takes its trial (damping shrunk by WATCHDOG_SHRINK each time) if it lowers L;
+    the first trial with a loss below the anchor's ends the excursion there (success). After
+    ``length`` trials without one, or at a trial that does not lower L (non-finite included),
     the update returns theta to the anchor, lam resumes where the excursion began (as after
     a rejection; at the first update, the ordinary lam0), and no excursion starts again.
     """
@@ -167,8 +167,9 @@ def _watchdog(state, flat, value, trial_value, finite, accepted, delta, lam, pla
     allowed = first | (~accepted & (state.failures < WATCHDOG_FAILURES))
     start = ~in_exc & finite & (trial_value <= WATCHDOG_GROWTH * value) & allowed
     success = in_exc & finite & (trial_value < state.anchor_loss)
-    go_on = (in_exc & finite & ~success & (state.excursion > 1)
-             & (trial_value <= WATCHDOG_GROWTH * state.anchor_loss))  # fmt: skip
+    # Gauss-Newton that works lowers L at every trial after its first (superlinearly near
+    # the end); one that does not is given up at once, not after ``length`` trials.
+    go_on = in_exc & finite & ~success & (state.excursion > 1) & (trial_value < value)
     revert = in_exc & ~success & ~go_on
     take = (accepted & ~in_exc) | start | success | go_on
     back = state.anchor - flat
@@ -264,22 +265,24 @@ def levenberg_marquardt(
       watchdog: None (monotone LM: no accepted step raises L), or k >= 1: a non-monotone
         start (Chamberlain's watchdog, 1982). The first trial is Gauss-Newton's step (lam
         shrunk 1e-9-fold) and is taken whatever its gain ratio (if L_trial <= 1e3 L); the next
-        trials too (lam shrunk 1e-9-fold each), until one is below L(theta_0): from there LM
-        goes on as usual. After k trials without one (or a non-finite trial) the update
-        returns theta to theta_0 and LM starts over from lam0. While no excursion has failed,
+        trials too (lam shrunk 1e-9-fold each) while each lowers L, until one is below
+        L(theta_0): from there LM goes on as usual. At a trial that does not lower L (or a
+        non-finite one), or after k trials, the update returns theta to theta_0 and LM starts
+        over from lam0. While no excursion has failed,
         a rejected trial starts one the same way from the current theta; ordinary rejections
         raise lam to at least 2 ||g|| / ||delta|| (D = I; the next step at most half as
-        long). The loss can rise for up to k steps (accepted steps with a negative gain ratio
-        in the history); a run stopped by ``max_steps`` inside an excursion ends above its
-        best loss. Opt-in, measured by ``benchmarks/lm_defaults.py`` and
+        long). The loss can stay above its best for up to k steps (the excursion's first
+        step is accepted with a negative gain ratio in the history); a run stopped by
+        ``max_steps`` inside an excursion ends above its best loss. The anchor's loss is
+        compared with later losses, so the watchdog assumes one batch (not ``pb.fit``'s
+        ``batch_indices`` minibatches). Opt-in, measured by ``benchmarks/lm_defaults.py`` and
         ``benchmarks/lm_watchdog_nets.py`` (``benchmarks/RESULTS.md``): where Gauss-Newton
         converges it takes Gauss-Newton's trials (k >= 4; the 1-32-1 MLP with N < P: 6
         against monotone LM's 158; Equinox, CNN and attention with N < P: 8, 6 and 8 against
         10, 7 and 12) and MINPACK's on the MGH problems (median ratio 1.0 against 1.21). Where
-        Gauss-Newton fails it costs more than monotone LM (Flax NNX 21 trials against 12,
-        pb.nets in float32 23 against 9); with N > P it ends 3-45x higher after 100 trials on
-        the MLPs, and on the RNN its 1e-20-damped steps saturate the network (||delta|| ~ 1e8)
-        where monotone LM keeps descending.
+        Gauss-Newton fails it costs more than monotone LM (Flax NNX 14 trials against 12 in
+        float64, 15 against 6 in float32; the RNN 50 against 39), and with N > P it ends
+        30-45x higher after 100 trials on the pb.nets MLP.
       geodesic: None, or alpha > 0 to add geodesic acceleration (Transtrum & Sethna 2012):
         with v the step above, solve (J^T J + lam D) a = -J^T r_vv, r_vv = d^2/dt^2
         r(theta + t v) at t = 0 (two nested JVPs), and try delta = v + a / 2, the
