@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -121,3 +122,42 @@ def test_sigint_during_a_run_does_not_exit_zero():
                           timeout=120)  # fmt: skip
     assert proc.returncode != 0, proc.stdout
     assert "KeyboardInterrupt" in proc.stderr and "finished" not in proc.stdout
+
+
+@pytest.mark.parametrize("callback", [False, True], ids=["no callback", "callback"])
+def test_ctrl_c_stops_a_long_run_and_raises(callback):
+    """SIGINT from another thread (as Ctrl-C arrives) during a run of 10^9 steps (SGD at a
+    learning rate of 1e-7: about a microsecond a step, no stop rule fires for minutes): pb.fit
+    stops within a chunk (or, with a callback, at the next point) and raises
+    KeyboardInterrupt, never finishing silently."""
+    script = textwrap.dedent(f"""
+        import os, signal, threading, time
+        import jax.numpy as jnp, optax, paribus as pb
+
+        threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        start = time.perf_counter()
+        try:
+            pb.fit(lambda p, b: p - 1.0, jnp.zeros(3), optax.sgd(1e-7), None,
+                   max_steps=10**9, callback={"lambda r: None" if callback else "None"})
+        finally:
+            print(f"seconds {{time.perf_counter() - start:.1f}}")
+        print("finished")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode != 0, proc.stdout
+    assert "KeyboardInterrupt" in proc.stderr and "finished" not in proc.stdout, proc.stderr
+    assert float(proc.stdout.split("seconds")[1]) < 120, proc.stdout
+
+
+def test_a_run_restores_the_sigint_handler():
+    """pb.fit's own SIGINT handler lives only during the run; a user's handler is kept."""
+    pb.fit(quadratic, X0, OPT, None, max_steps=3)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    mine = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGINT, mine)
+    try:
+        pb.fit(quadratic, X0, OPT, None, max_steps=3, callback=lambda r: None)
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, previous)
