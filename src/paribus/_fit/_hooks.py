@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -62,38 +60,6 @@ def registered(hook: Hook | None) -> Iterator[np.int32]:
         _HOOKS.pop(int(hook_id), None)
         if hook.bar is not None:
             hook.bar.close()
-
-
-@contextlib.contextmanager
-def interrupts(hook: Hook | None) -> Iterator[list[BaseException]]:
-    """Ctrl-C (SIGINT) during a run, kept until the device returns: yields a list that holds
-    the ``KeyboardInterrupt`` once one arrives, which the host loop raises between chunks.
-
-    Python raises ``KeyboardInterrupt`` at the main thread's next bytecode, which during a run
-    may be inside JAX's runtime or a finaliser, where it can be swallowed ("Exception
-    ignored"). So while a run is on the main thread with Python's default handler, the handler
-    only records the interrupt (and, with a hook, tells the loop to stop at its next point);
-    any other handler (the user's own, or a run off the main thread) is left as it is.
-    """
-    caught: list[BaseException] = []
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield caught
-        return
-
-    def record(signum, frame):
-        error = KeyboardInterrupt()
-        caught.append(error)
-        if hook is not None and hook.error is None:
-            hook.error = error
-
-    signal.signal(signal.SIGINT, record)
-    try:
-        yield caught
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Hook:

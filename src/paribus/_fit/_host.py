@@ -17,7 +17,7 @@ import optax
 
 from paribus import _tree
 from paribus._fit import _rules
-from paribus._fit._hooks import interrupts, registered
+from paribus._fit._hooks import registered
 from paribus._fit._loop import Carry, batch_at, run, stopped
 from paribus._fit._opt_state import path_name
 from paribus._fit._rows import empty_rows, to_history
@@ -37,7 +37,7 @@ def host_loop(cfg, carry, fresh, data, stream, limit, tols, hook, every):
     """Chunks until a stop; returns the final carry, the rows of every point, and the last
     chunk's data with the step it started at (for :func:`point_batch`)."""
     chunks = []
-    with registered(hook) as hook_id, interrupts(hook) as caught:
+    with registered(hook) as hook_id:
         while True:
             k0 = int(carry.cur.state.step)
             chunk_limit = limit
@@ -48,8 +48,6 @@ def host_loop(cfg, carry, fresh, data, stream, limit, tols, hook, every):
             code, n = (int(v) for v in jax.device_get((carry.code, n)))
             if hook is not None and hook.error is not None:
                 raise hook.error
-            if caught:
-                raise caught[0]
             chunks.append(np.asarray(jax.device_get(rows))[:n])
             if code != _rules.RUNNING:
                 return carry, chunks, (data, k0)
