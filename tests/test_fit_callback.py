@@ -103,20 +103,25 @@ def test_hooks_outside_jit_only_and_progress_is_a_flag():
         pb.fit(quadratic, X0, OPT, None, max_steps=3, callback=print, callback_every=0)
 
 
-# SIGINT_AS_AT_A_TERMINAL: the scripts below restore Python's SIGINT handler first. A process
-# started in the background by a shell without job control (``cmd &``, as the suite may be
-# started) inherits SIGINT ignored and Python leaves it so: os.kill(SIGINT) would do nothing
-# and the test would fail for the shell's reason, not pb.fit's (it did, in a CI run started
-# with nohup ... &: "finished", exit 0, empty stderr).
+def run_as_at_a_terminal(script: str, timeout: float) -> subprocess.CompletedProcess:
+    """Runs ``script`` in a fresh Python with Python's own SIGINT handler, as at a terminal.
+
+    A process started in the background by a shell without job control (``cmd &``, as the
+    suite may be started) inherits SIGINT ignored and Python leaves it so: os.kill(SIGINT)
+    would do nothing and a test would fail for the shell's reason, not pb.fit's (it did, in a
+    CI run started with nohup ... &: "finished", exit 0, empty stderr).
+    """
+    prelude = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)],
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 def test_sigint_during_a_run_does_not_exit_zero():
     """An interrupt that lands in the callback is re-raised by pb.fit, never swallowed."""
-    script = textwrap.dedent("""
+    script = """
         import os, signal
         import jax.numpy as jnp, optax, paribus as pb
 
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # see SIGINT_AS_AT_A_TERMINAL
         def callback(record):
             if record.step == 3:
                 os.kill(os.getpid(), signal.SIGINT)
@@ -124,9 +129,8 @@ def test_sigint_during_a_run_does_not_exit_zero():
         pb.fit(lambda p, b: p - 1.0, jnp.zeros(3), optax.sgd(1e-3), None, max_steps=100000,
                callback=callback)
         print("finished")
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    """
+    proc = run_as_at_a_terminal(script, timeout=120)
     assert proc.returncode != 0, proc.stdout
     assert "KeyboardInterrupt" in proc.stderr and "finished" not in proc.stdout
 
@@ -137,11 +141,10 @@ def test_ctrl_c_stops_a_long_run_and_raises(callback):
     learning rate of 1e-7: about a microsecond a step, no stop rule fires for minutes): Python
     raises KeyboardInterrupt once the main thread is back from the chunk it waits on (256
     steps), so pb.fit stops within seconds and never finishes silently."""
-    script = textwrap.dedent(f"""
+    script = f"""
         import os, signal, threading, time
         import jax.numpy as jnp, optax, paribus as pb
 
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # see SIGINT_AS_AT_A_TERMINAL
         threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT)).start()
         start = time.perf_counter()
         try:
@@ -150,9 +153,8 @@ def test_ctrl_c_stops_a_long_run_and_raises(callback):
         finally:
             print(f"seconds {{time.perf_counter() - start:.1f}}")
         print("finished")
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    """
+    proc = run_as_at_a_terminal(script, timeout=300)
     assert proc.returncode != 0, proc.stdout
     assert "KeyboardInterrupt" in proc.stderr and "finished" not in proc.stdout, proc.stderr
     assert float(proc.stdout.split("seconds")[1]) < 120, proc.stdout
