@@ -48,7 +48,8 @@ from zoo import PROBLEMS, Problem  # noqa: E402
 
 import paribus as pb  # noqa: E402
 
-# Every configuration but the last two is monotone (watchdog=None, the default).
+# Every configuration but the last three is monotone (watchdog=None, the default). "auto"
+# is watchdog 8 where R <= P and monotone LM elsewhere.
 MONO = {"watchdog": None}
 CONFIGS = {
     "nielsen, monotone (default)": MONO,
@@ -60,8 +61,9 @@ CONFIGS = {
     "nielsen, tau 1e-6 + geodesic": {**MONO, "init_damping": 1e-6, "geodesic": 0.75},
     "watchdog 4": {"watchdog": 4},
     "watchdog 8": {"watchdog": 8},
+    "watchdog auto": {"watchdog": "auto"},
 }
-QUICK = ("nielsen, monotone (default)", "nielsen + geodesic", "watchdog 8")
+QUICK = ("nielsen, monotone (default)", "watchdog auto", "nielsen + geodesic", "watchdog 8")
 
 
 def _broyden_banded(x):

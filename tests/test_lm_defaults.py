@@ -27,7 +27,8 @@ def test_geodesic_step_is_velocity_plus_half_acceleration():
     """delta = v + a / 2, v = -(J^T J + lam I)^-1 J^T r, a = -(J^T J + lam I)^-1 J^T r_vv."""
     problem = BY_NAME["rosenbrock"]
     x0 = jnp.array(problem.x0)
-    opt = pb.levenberg_marquardt(geodesic=10.0, init_damping=1.0)
+    # Monotone LM's step (R = P = 2 would turn the default watchdog on: a Gauss-Newton trial).
+    opt = pb.levenberg_marquardt(geodesic=10.0, init_damping=1.0, watchdog=None)
     step, state = opt.update(
         None, opt.init(x0), x0, residual_fn=residual_fn_of(problem), batch=None
     )
@@ -48,7 +49,7 @@ def test_geodesic_step_is_velocity_plus_half_acceleration():
 def test_geodesic_rejects_a_step_that_bends_too_far():
     problem = BY_NAME["rosenbrock"]
     x0 = jnp.array(problem.x0)
-    opt = pb.levenberg_marquardt(geodesic=1e-6, init_damping=1.0)
+    opt = pb.levenberg_marquardt(geodesic=1e-6, init_damping=1.0, watchdog=None)
     step, state = opt.update(
         None, opt.init(x0), x0, residual_fn=residual_fn_of(problem), batch=None
     )
@@ -105,10 +106,11 @@ def n_less_than_p(seed):
     ("options", "max_trials"),
     [
         ({"watchdog": 8}, 10),  # measured 7 (seed 0), as Gauss-Newton
+        ({"watchdog": "auto"}, 10),  # the watchdog, as R = 10 < P = 97
         # Monotone: 158 with XLA's full compile, 184 with its quick one (pb.fit's choice at
         # max_steps 180-250): the crawl along the kernel's 1e-11 eigenvalues amplifies rounding.
-        ({}, 250),
-        ({"init_damping": 1e-6, "geodesic": 0.75}, 30),  # 19 (38 evaluations)
+        ({"watchdog": None}, 250),
+        ({"init_damping": 1e-6, "geodesic": 0.75, "watchdog": None}, 30),  # 19 (38 evaluations)
     ],
 )
 def test_n_less_than_p_interpolates(options, max_trials):
@@ -160,10 +162,76 @@ def test_watchdog_after_a_non_finite_first_trial_starts_from_lam0():
     np.testing.assert_allclose(float(state.damping), 1e-3 * (0.5 / 10.0) ** 2, rtol=1e-12)
 
 
-@pytest.mark.parametrize("watchdog", [0, -1, 2.5, "8", "auto"])
+@pytest.mark.parametrize("watchdog", [0, -1, 2.5, "8", "Auto", True])
 def test_watchdog_must_be_a_positive_int(watchdog):
-    with pytest.raises(ValueError, match="watchdog must be None or an int >= 1"):
+    with pytest.raises(ValueError, match="watchdog must be None, 'auto' or an int >= 1"):
         pb.levenberg_marquardt(watchdog=watchdog)
+
+
+@pytest.mark.parametrize(
+    ("name", "twin"),
+    [
+        ("rosenbrock", 8),  # R = P = 2: a system of equations, the watchdog's
+        ("powell_badly_scaled", 8),
+        ("helical_valley", 8),  # R = P = 3
+        ("bard", None),  # R = 15 > P = 3: monotone LM
+        ("brown_dennis", None),  # R = 20 > P = 4
+    ],
+)
+def test_auto_watchdog_on_the_classic_problems(name, twin):
+    """watchdog="auto" runs exactly as its explicit twin: watchdog=8 where
+    R <= P (here R = P: systems of equations), watchdog=None where R > P (same losses, trial
+    for trial, from x0 and 10 x0)."""
+    problem = BY_NAME[name]
+    for x0 in (jnp.array(problem.x0), 10 * jnp.array(problem.x0)):
+        runs = [
+            pb.fit(residual_fn_of(problem), x0, opt, None, max_steps=60).history.loss
+            for opt in (
+                pb.levenberg_marquardt(watchdog="auto"),
+                pb.levenberg_marquardt(watchdog=twin),
+            )
+        ]
+        np.testing.assert_array_equal(*runs)
+    other = pb.levenberg_marquardt(watchdog=None if twin else 8)
+    other = pb.fit(residual_fn_of(problem), x0, other, None, max_steps=60).history.loss
+    assert not np.array_equal(runs[0], other)  # the twins differ: the test can tell them apart
+
+
+@pytest.mark.parametrize(("n_points", "twin"), [(10, 8), (200, None)])
+def test_auto_watchdog_on_networks_follows_r_against_p(n_points, twin):
+    """The 1-32-1 network (P = 97): on with R = 10 < P (as watchdog=8), off with R = 200 > P
+    (as watchdog=None), trial for trial."""
+    residual_fn, params, _ = n_less_than_p(1)
+    xs = jnp.linspace(-1, 1, n_points)[:, None]
+    batch = (xs, jnp.sin(3 * xs))
+    runs = [
+        pb.fit(residual_fn, params, opt, batch, max_steps=20).history.loss
+        for opt in (
+            pb.levenberg_marquardt(watchdog="auto"),
+            pb.levenberg_marquardt(watchdog=twin),
+            pb.levenberg_marquardt(watchdog=None if twin else 8),
+        )
+    ]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+
+
+def test_watchdog_judges_the_anchor_on_the_current_batch():
+    """Minibatches: an excursion started on batch A is judged on batch B by the anchor's
+    loss on B, measured again (its slow twin: 1/2 ||r(anchor, B)||^2 by hand), not by the
+    loss on A stored when it started."""
+    problem = BY_NAME["brown_dennis"]  # Gauss-Newton's first step goes up 300-fold
+    x0 = 10 * jnp.array(problem.x0)
+    residual_fn = lambda x, w: w * problem.residuals(x)  # noqa: E731  the batch weighs r
+    opt = pb.levenberg_marquardt(watchdog=8)
+    step, state = opt.update(None, opt.init(x0), x0, residual_fn=residual_fn, batch=1.0)
+    assert int(state.excursion) == 8  # started on batch A (w = 1) at x0
+    on_a = float(state.anchor_loss)
+    x1 = x0 + step
+    step, state = opt.update(None, state, x1, residual_fn=residual_fn, batch=3.0)
+    on_b = 0.5 * float(jnp.sum((3.0 * problem.residuals(x0)) ** 2))
+    np.testing.assert_allclose(float(state.anchor_loss), on_b, rtol=1e-12)
+    assert abs(on_b - on_a) > 1.0 * on_a  # stored and current differ 9-fold
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])

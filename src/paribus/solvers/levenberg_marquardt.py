@@ -23,9 +23,9 @@ class LevenbergMarquardtState(NamedTuple):
     diag(J^T J) (Marquardt scaling; ones otherwise); ``tie_step`` is the norm of the last step
     taken at the noise floor of L (0 after any other step; see ``update``). The watchdog
     (see ``levenberg_marquardt(watchdog=...)``): ``anchor`` (flat theta where the current
-    excursion began), its loss ``anchor_loss`` (0 before any) and the damping to resume
-    with there, ``excursion`` (trials the excursion has left; 0: none) and ``failures``
-    (excursions that ended back at their anchor). ``step_info``
+    excursion began), its loss ``anchor_loss`` (on the last batch; 0 before any) and the
+    damping to resume with there, ``excursion`` (trials the excursion has left; 0: none) and
+    ``failures`` (excursions that ended back at their anchor). ``step_info``
     (:class:`pb.StepInfo`) describes the last trial: the loss and gradient norm it was computed
     from, its lam, gain ratio (-inf when the trial was not finite), acceptance, norm, trial
     loss and solve form.
@@ -53,6 +53,8 @@ WATCHDOG_GROWTH = 1e3
 WATCHDOG_FAILURES = 1
 """Excursions start after rejections only until this many have failed (the first update's
 counts)."""
+WATCHDOG_AUTO = 8
+"""``watchdog="auto"``: the excursion length where R <= P."""
 
 TIE_SHRINK = 0.9
 """At the noise floor of L, steps are taken on the model's word while each is at most this
@@ -146,8 +148,8 @@ class _Watch(NamedTuple):
     fields: dict  # the state's watchdog fields after this update
 
 
-def _watchdog(state, flat, value, trial_value, finite, accepted, delta, lam, plain, rejected_lam,
-              length):  # fmt: skip
+def _watchdog(state, flat, value, anchor_loss, trial_value, finite, accepted, delta, lam, plain,
+              rejected_lam, length):  # fmt: skip
     """Chamberlain's watchdog (Chamberlain, Powell, Lemarechal & Pedersen 1982) for LM.
 
     An excursion starts at the first update (its trial was taken at lam = plain *
@@ -162,11 +164,11 @@ def _watchdog(state, flat, value, trial_value, finite, accepted, delta, lam, pla
     """
     # theta_k below the anchor's loss: the excursion has succeeded (at the trial before);
     # this update is ordinary LM's.
-    in_exc = (state.excursion > 0) & ~(value < state.anchor_loss)
+    in_exc = (state.excursion > 0) & ~(value < anchor_loss)
     first = state.count == 0
     allowed = first | (~accepted & (state.failures < WATCHDOG_FAILURES))
     start = ~in_exc & finite & (trial_value <= WATCHDOG_GROWTH * value) & allowed
-    success = in_exc & finite & (trial_value < state.anchor_loss)
+    success = in_exc & finite & (trial_value < anchor_loss)
     # Gauss-Newton that works lowers L at every trial after its first (superlinearly near
     # the end); one that does not is given up at once, not after ``length`` trials.
     go_on = in_exc & finite & ~success & (state.excursion > 1) & (trial_value < value)
@@ -182,12 +184,23 @@ def _watchdog(state, flat, value, trial_value, finite, accepted, delta, lam, pla
     resume = jnp.where(first, plain, rejected_lam)  # lam after a return to this anchor
     fields = {
         "anchor": jnp.where(start, flat, state.anchor),
-        "anchor_loss": jnp.where(start, value, state.anchor_loss),
+        "anchor_loss": jnp.where(start, value, anchor_loss),
         "anchor_damping": jnp.where(start, resume, state.anchor_damping),
         "excursion": jnp.where(start, length, jnp.where(go_on, state.excursion - 1, 0)),
         "failures": state.failures + revert.astype(jnp.int32),
     }
     return _Watch(update, take | revert, revert, rule_owns, damping, fields)
+
+
+def _watchdog_length(watchdog, n_rows: int, n_params: int) -> int | None:
+    """The excursion length for this problem, at trace time. ``watchdog="auto"``: on where
+    R <= P, where J delta = -r can be met exactly (R = P: Gauss-Newton's step is Newton's
+    for r = 0; R < P: the minimum-norm step that interpolates the linearised network); off
+    where R > P (least squares: from a random start Gauss-Newton's first step leads
+    networks to worse fits, ``benchmarks/lm_watchdog_seeds.py``)."""
+    if watchdog == "auto":
+        return WATCHDOG_AUTO if n_rows <= n_params else None
+    return watchdog
 
 
 def _check_config(solve, damping, scaling, damping_bounds, *, where):
@@ -217,7 +230,7 @@ def levenberg_marquardt(
     cg_preconditioner: str | None = "jacobi",
     dual_refine_steps: int = 10,
     geodesic: float | None = None,
-    watchdog: int | None = None,
+    watchdog: int | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Levenberg-Marquardt: one damped Gauss-Newton trial per ``update``, kept if it pays.
 
@@ -244,9 +257,10 @@ def levenberg_marquardt(
         time; its code is ``state.step_info.form``.
       damping: "nielsen", "marquardt", "delayed" or "trust_region" (see
         ``paribus.solvers._damping``). The defaults (nielsen, identity scaling, lam0 = 1e-3
-        max diag(J^T J), no watchdog, no geodesic) were kept by ``benchmarks/lm_defaults.py``
-        and ``benchmarks/lm_watchdog_nets.py`` (MGH problems, MLPs with N < P and N > P, the
-        networks users bring; float64 and float32; figures in ``benchmarks/RESULTS.md``).
+        max diag(J^T J), no watchdog, no geodesic) were measured by
+        ``benchmarks/lm_defaults.py``, ``benchmarks/lm_watchdog_nets.py`` and
+        ``benchmarks/lm_watchdog_seeds.py`` (MGH problems, MLPs with N < P and N > P, the
+        networks users bring over seeds; float64 and float32; ``benchmarks/RESULTS.md``).
       scaling: "identity" (D = I) or "marquardt" (D = running max of diag(J^T J), MINPACK,
         floored at ``scaling_floor`` times its largest entry).
       init_damping: lam0, absolute or (``init_damping_relative``) times max diag(J^T J) / D at
@@ -262,27 +276,32 @@ def levenberg_marquardt(
         when lam is within 10x of the kernel's rounding floor eps ||J J^T||_F, where the
         Cholesky of a kernel formed in floating point is noise (float32 with large P); each
         step costs one VJP and one JVP. 0 keeps the bare Cholesky step.
-      watchdog: None (monotone LM: no accepted step raises L), or k >= 1: a non-monotone
-        start (Chamberlain's watchdog, 1982). The first trial is Gauss-Newton's step (lam
-        shrunk 1e-9-fold) and is taken whatever its gain ratio (if L_trial <= 1e3 L); the next
-        trials too (lam shrunk 1e-9-fold each) while each lowers L, until one is below
-        L(theta_0): from there LM goes on as usual. At a trial that does not lower L (or a
-        non-finite one), or after k trials, the update returns theta to theta_0 and LM starts
-        over from lam0. While no excursion has failed,
+      watchdog: None (the default): monotone LM (no accepted step raises L). "auto": k = 8
+        where R <= P (the residuals can be met exactly: a system of equations, or a network
+        with fewer residuals than parameters), None where R > P; decided at trace time from
+        the shapes (opt-in: as the default it changed the runs of 24 tests, not yet
+        reviewed). k >= 1: a non-monotone start (Chamberlain's watchdog, 1982). The
+        first trial is Gauss-Newton's step (lam shrunk 1e-9-fold) and is taken whatever its
+        gain ratio (if L_trial <= 1e3 L); the next trials too (lam shrunk 1e-9-fold each)
+        while each lowers L, until one is below L(theta_0): from there LM goes on as usual.
+        At a trial that does not lower L (or a non-finite one), or after k trials, the update
+        returns theta to theta_0 and LM starts over from lam0. While no excursion has failed,
         a rejected trial starts one the same way from the current theta; ordinary rejections
         raise lam to at least 2 ||g|| / ||delta|| (D = I; the next step at most half as
         long). The loss can stay above its best for up to k steps (the excursion's first
         step is accepted with a negative gain ratio in the history); a run stopped by
-        ``max_steps`` inside an excursion ends above its best loss. The anchor's loss is
-        compared with later losses, so the watchdog assumes one batch (not ``pb.fit``'s
-        ``batch_indices`` minibatches). Opt-in, measured by ``benchmarks/lm_defaults.py`` and
-        ``benchmarks/lm_watchdog_nets.py`` (``benchmarks/RESULTS.md``): where Gauss-Newton
-        converges it takes Gauss-Newton's trials (k >= 4; the 1-32-1 MLP with N < P: 6
-        against monotone LM's 158; Equinox, CNN and attention with N < P: 8, 6 and 8 against
-        10, 7 and 12) and MINPACK's on the MGH problems (median ratio 1.0 against 1.21). Where
-        Gauss-Newton fails it costs more than monotone LM (Flax NNX 14 trials against 12 in
-        float64, 15 against 6 in float32; the RNN 50 against 39), and with N > P it ends
-        30-45x higher after 100 trials on the pb.nets MLP.
+        ``max_steps`` inside an excursion ends above its best loss. Each update of an
+        excursion evaluates the anchor's loss again on its own batch (one more forward pass),
+        so with ``pb.fit``'s ``batch_indices`` minibatches every comparison is within one
+        batch. Measured (``benchmarks/RESULTS.md``, 2026-12-03 11:00): on the MGH problems
+        "auto" solves 41 of 43 starts in float64 (monotone LM 40, k = 8 everywhere 39) with
+        a median of 1.11x MINPACK's trials and a worst of 2.5x (monotone 1.21x and 5.7x);
+        on the 1-32-1 MLP with N < P it takes 6 trials (Gauss-Newton's) against monotone
+        LM's 161. On the networks users bring with N < P (96 runs over seeds) it takes
+        Gauss-Newton's trials in 26 of the 37 runs Gauss-Newton solves (monotone LM: no more
+        than Gauss-Newton in 18) and solves 79 against 78, at 1.08x monotone LM's trials in
+        geometric mean. With R > P the watchdog ended 1.8-2.8x higher after 100 trials
+        (geometric mean; up to 1e4x on pb.nets), so "auto" leaves it off there.
       geodesic: None, or alpha > 0 to add geodesic acceleration (Transtrum & Sethna 2012):
         with v the step above, solve (J^T J + lam D) a = -J^T r_vv, r_vv = d^2/dt^2
         r(theta + t v) at t = 0 (two nested JVPs), and try delta = v + a / 2, the
@@ -320,12 +339,12 @@ def levenberg_marquardt(
         raise ValueError(
             f"{where}: geodesic must be None or alpha > 0 (e.g. 0.75); got {geodesic}."
         )
-    if watchdog is not None and not (
+    if watchdog not in (None, "auto") and not (
         isinstance(watchdog, int) and not isinstance(watchdog, bool) and watchdog >= 1
     ):
         raise ValueError(
-            f"{where}: watchdog must be None or an int >= 1 (trials an excursion may take); "
-            f"got {watchdog!r}."
+            f"{where}: watchdog must be None, 'auto' or an int >= 1 (trials an excursion may "
+            f"take); got {watchdog!r}."
         )
     if int(dual_refine_steps) < 0:
         raise ValueError(f"{where}: dual_refine_steps must be >= 0; got {dual_refine_steps}.")
@@ -375,7 +394,8 @@ def levenberg_marquardt(
         lam = _first_damping(state, model, d, lam0) if relative else state.damping
         lam = jnp.clip(lam, lo, hi)
         plain = lam  # the damping ordinary LM would try now
-        if watchdog is not None:  # the first trial is (almost) Gauss-Newton's step
+        length = _watchdog_length(watchdog, model.r.size, work.flat.size)
+        if length is not None:  # the first trial is (almost) Gauss-Newton's step
             lam = jnp.where(state.count == 0, jnp.clip(lam * WATCHDOG_SHRINK, lo, hi), lam)
         sol = _forms.solve(
             form, model, lam, d, min_norm=False, cg_options=cg_options, dual_options=dual_options
@@ -417,16 +437,26 @@ def levenberg_marquardt(
         new_lam, nu, radius = rule.update(lam, state.nu, state.radius, rho_rule, accepted, snorm)
         update = jnp.where(accepted, delta, 0)
         watch = {}  # the watchdog's state fields, unchanged without it
-        if watchdog is not None:
+        if length is not None:
             rejected_lam = rule.update(lam, state.nu, state.radius, -jnp.inf, False, snorm)[0]
             # An ordinary rejection (not an excursion's): after the excursions' tiny lam,
             # doubling lam would take dozens of trials to matter. ||delta(lam)|| <= ||g|| / lam,
             # so lam >= 2 ||g|| / ||delta|| makes the next step at most half as long, in one
             # trial (D = I only: with D it would need D^-1/2 g).
             floor = 0.0 if d is not None else 2 * sol.gnorm / jnp.where(snorm > 0, snorm, jnp.inf)
+
+            def anchor_now():
+                # The anchor's loss on this update's batch: with pb.fit's minibatches the
+                # stored one was measured on another batch.
+                back = jax.tree.map(jnp.add, params, work.unravel(state.anchor - work.flat))
+                return lin.decrease(residual_fn(work.lift(back), batch))[1].astype(dt)
+
+            anchor_loss = jax.lax.cond(
+                state.excursion > 0, anchor_now, lambda: state.anchor_loss.astype(dt)
+            )
             wd = _watchdog(
-                state, work.flat, model.value.astype(dt), trial_value.astype(dt),
-                ok & jnp.isfinite(actual), accepted, delta, lam, plain, rejected_lam, watchdog,
+                state, work.flat, model.value.astype(dt), anchor_loss, trial_value.astype(dt),
+                ok & jnp.isfinite(actual), accepted, delta, lam, plain, rejected_lam, length,
             )  # fmt: skip
             update, accepted = wd.update, wd.accepted
             new_lam = jnp.where(wd.rule_owns & ~wd.accepted, jnp.maximum(new_lam, floor), new_lam)
