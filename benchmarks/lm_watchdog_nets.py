@@ -50,9 +50,11 @@ def methods(watchdogs):
     return out
 
 
-def data(xs, n, dtype):
+def data(xs, n, dtype, key=None):
+    """(inputs, targets (sin s, cos 2 s)): the zoo's own inputs, or n normal draws from key."""
     if n is not None:
-        xs = jax.random.normal(jax.random.key(2), (n, *xs.shape[1:]), dtype)
+        key = jax.random.key(2) if key is None else key
+        xs = jax.random.normal(key, (n, *xs.shape[1:]), dtype)
     s = jnp.sum(xs.reshape(xs.shape[0], -1), axis=1, keepdims=True)
     return xs, jnp.concatenate([jnp.sin(s), jnp.cos(2 * s)], axis=1).astype(dtype)
 

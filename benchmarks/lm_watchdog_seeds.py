@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests"))
 
 import _common  # noqa: E402
+from lm_watchdog_nets import data  # noqa: E402
 from nets_zoo import ZOO  # noqa: E402
 
 import paribus as pb  # noqa: E402
@@ -49,16 +50,14 @@ def problem(name, dtype, n, seed):
     """(residual_fn, params, batch): fresh inputs and jittered parameters for this seed."""
     apply, params, xs = ZOO[name](dtype=dtype)
     k_data, k_params = jax.random.split(jax.random.key(1000 * n + seed))
-    x = jax.random.normal(k_data, (n, *xs.shape[1:]), dtype)
-    s = jnp.sum(x.reshape(n, -1), axis=1, keepdims=True)
-    t = jnp.concatenate([jnp.sin(s), jnp.cos(2 * s)], axis=1).astype(dtype)
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(k_params, len(leaves))
     jitter = [
         p * (1 + 0.3 * jax.random.normal(k, p.shape, p.dtype))
         for p, k in zip(leaves, keys, strict=True)
     ]
-    return pb.regression_residuals(apply), jax.tree.unflatten(tree, jitter), (x, t)
+    batch = data(xs, n, dtype, k_data)
+    return pb.regression_residuals(apply), jax.tree.unflatten(tree, jitter), batch
 
 
 def losses(fn, params, opt, batch, steps):

@@ -276,32 +276,31 @@ def levenberg_marquardt(
         when lam is within 10x of the kernel's rounding floor eps ||J J^T||_F, where the
         Cholesky of a kernel formed in floating point is noise (float32 with large P); each
         step costs one VJP and one JVP. 0 keeps the bare Cholesky step.
-      watchdog: None (the default): monotone LM (no accepted step raises L). "auto": k = 8
-        where R <= P (the residuals can be met exactly: a system of equations, or a network
-        with fewer residuals than parameters), None where R > P; decided at trace time from
-        the shapes (opt-in: as the default it changed the runs of 24 tests, not yet
-        reviewed). k >= 1: a non-monotone start (Chamberlain's watchdog, 1982). The
-        first trial is Gauss-Newton's step (lam shrunk 1e-9-fold) and is taken whatever its
-        gain ratio (if L_trial <= 1e3 L); the next trials too (lam shrunk 1e-9-fold each)
-        while each lowers L, until one is below L(theta_0): from there LM goes on as usual.
-        At a trial that does not lower L (or a non-finite one), or after k trials, the update
-        returns theta to theta_0 and LM starts over from lam0. While no excursion has failed,
-        a rejected trial starts one the same way from the current theta; ordinary rejections
-        raise lam to at least 2 ||g|| / ||delta|| (D = I; the next step at most half as
-        long). The loss can stay above its best for up to k steps (the excursion's first
-        step is accepted with a negative gain ratio in the history); a run stopped by
-        ``max_steps`` inside an excursion ends above its best loss. Each update of an
-        excursion evaluates the anchor's loss again on its own batch (one more forward pass),
-        so with ``pb.fit``'s ``batch_indices`` minibatches every comparison is within one
-        batch. Measured (``benchmarks/RESULTS.md``, 2026-12-03 11:00): on the MGH problems
-        "auto" solves 41 of 43 starts in float64 (monotone LM 40, k = 8 everywhere 39) with
-        a median of 1.11x MINPACK's trials and a worst of 2.5x (monotone 1.21x and 5.7x);
-        on the 1-32-1 MLP with N < P it takes 6 trials (Gauss-Newton's) against monotone
-        LM's 161. On the networks users bring with N < P (96 runs over seeds) it takes
-        Gauss-Newton's trials in 26 of the 37 runs Gauss-Newton solves (monotone LM: no more
-        than Gauss-Newton in 18) and solves 79 against 78, at 1.08x monotone LM's trials in
-        geometric mean. With R > P the watchdog ended 1.8-2.8x higher after 100 trials
-        (geometric mean; up to 1e4x on pb.nets), so "auto" leaves it off there.
+      watchdog: None (the default): monotone LM (no accepted step raises L). "auto": k = 8 where
+        R <= P (the residuals can be met exactly: a system of equations, or a network with fewer
+        residuals than parameters), None where R > P; decided at trace time from the shapes
+        (opt-in; ``benchmarks/RESULTS.md`` says why). k >= 1: a non-monotone start
+        (Chamberlain's watchdog, 1982). The first trial is Gauss-Newton's step (lam shrunk
+        1e-9-fold) and is taken whatever its gain ratio (if L_trial <= 1e3 L); the next trials
+        too (lam shrunk 1e-9-fold each) while each lowers L, until one is below L(theta_0): from
+        there LM goes on as usual. At a trial that does not lower L (or a non-finite one), or
+        after k trials, the update returns theta to theta_0 and LM starts over from lam0. While
+        no excursion has failed, a rejected trial starts one the same way from the current
+        theta; ordinary rejections raise lam to at least 2 ||g|| / ||delta|| (D = I; the next
+        step at most half as long). The loss can stay above its best for up to k steps (the
+        excursion's first step is accepted with a negative gain ratio in the history); a run
+        stopped by ``max_steps`` inside an excursion ends above its best loss. Each update of an
+        excursion evaluates the anchor's loss again on its own batch (one more forward pass), so
+        with ``pb.fit``'s ``batch_indices`` minibatches every comparison is within one batch.
+        Measured (``benchmarks/RESULTS.md``, 2026-12-03 11:00): on the MGH problems "auto"
+        solves 41 of 43 starts in float64 (monotone LM 40, k = 8 everywhere 39) with a median of
+        1.11x MINPACK's trials and a worst of 2.5x (monotone 1.21x and 5.7x); on the 1-32-1 MLP
+        with N < P it takes 6 trials (Gauss-Newton's) against monotone LM's 161. On the networks
+        users bring with N < P (96 runs over seeds) it takes Gauss-Newton's trials in 26 of the
+        37 runs Gauss-Newton solves (monotone LM: no more than Gauss-Newton in 18) and solves 79
+        against 78, at 1.08x monotone LM's trials in geometric mean. With R > P the watchdog
+        ended 1.8-2.8x higher after 100 trials (geometric mean; up to 1e4x on pb.nets), so
+        "auto" leaves it off there.
       geodesic: None, or alpha > 0 to add geodesic acceleration (Transtrum & Sethna 2012):
         with v the step above, solve (J^T J + lam D) a = -J^T r_vv, r_vv = d^2/dt^2
         r(theta + t v) at t = 0 (two nested JVPs), and try delta = v + a / 2, the
