@@ -48,8 +48,8 @@ from zoo import PROBLEMS, Problem  # noqa: E402
 
 import paribus as pb  # noqa: E402
 
-# Every configuration but the last three is monotone (watchdog=None, the default). "auto"
-# is watchdog 8 where R <= P and monotone LM elsewhere.
+# Every configuration but the watchdogs is monotone (watchdog=None, the default). "auto"
+# is watchdog 8 where R <= P and monotone LM elsewhere; "minpack" is MINPACK's lmder.
 MONO = {"watchdog": None}
 CONFIGS = {
     "nielsen, monotone (default)": MONO,
@@ -62,6 +62,7 @@ CONFIGS = {
     "watchdog 4": {"watchdog": 4},
     "watchdog 8": {"watchdog": 8},
     "watchdog auto": {"watchdog": "auto"},
+    "minpack (Moré's trust region)": {"damping": "minpack"},
 }
 QUICK = ("nielsen, monotone (default)", "watchdog auto", "nielsen + geodesic", "watchdog 8")
 

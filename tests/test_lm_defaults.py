@@ -216,6 +216,30 @@ def test_auto_watchdog_on_networks_follows_r_against_p(n_points, twin):
     assert not np.array_equal(runs[0], runs[2])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", ["equinox", "flax"])
+def test_auto_watchdog_on_modules_users_bring(name, dtype):
+    """Equinox and Flax NNX modules, float64 and float32: "auto" is watchdog=8 trial for
+    trial with R = 2 N < P, and watchdog=None with R > P (the shapes are read through the
+    module's own parameter pytree)."""
+    apply, params, xs = ZOO[name](dtype=dtype)
+    n_params = sum(np.size(p) for p in jax.tree.leaves(params))
+    for n, twin in ((N, 8), (n_params, None)):  # R = 2 N: below P, then above it
+        inputs = jax.random.normal(jax.random.key(n), (n, *xs.shape[1:]), dtype)
+        batch = (inputs, jnp.sin(jnp.arange(2 * n, dtype=dtype).reshape(n, 2)))
+        runs = [
+            pb.fit(pb.regression_residuals(apply), params, opt, batch, max_steps=12).history.loss
+            for opt in (
+                pb.levenberg_marquardt(watchdog="auto"),
+                pb.levenberg_marquardt(watchdog=twin),
+                pb.levenberg_marquardt(watchdog=None if twin else 8),
+            )
+        ]
+        assert runs[0].dtype == dtype
+        np.testing.assert_array_equal(runs[0], runs[1])
+        assert not np.array_equal(runs[0], runs[2]), (n, twin)
+
+
 def test_watchdog_judges_the_anchor_on_the_current_batch():
     """Minibatches: an excursion started on batch A is judged on batch B by the anchor's
     loss on B, measured again (its slow twin: 1/2 ||r(anchor, B)||^2 by hand), not by the

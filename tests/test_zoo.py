@@ -26,10 +26,18 @@ def reached(f, minima, rtol=1e-6, zero=1e-14):
     return any(abs(f - m) <= rtol * abs(m) if m else f <= zero for m in minima)
 
 
-@pytest.mark.parametrize("watchdog", [8, None], ids=["watchdog", "monotone"])
+VARIANTS = {
+    "watchdog": {"watchdog": 8},
+    "monotone": {"watchdog": None},
+    "minpack": {"damping": "minpack"},  # monotone too: a trial is kept when rho > 1e-4
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: p.name)
-def test_levenberg_marquardt_reaches_known_minimum(problem, watchdog):
-    opt = pb.levenberg_marquardt(watchdog=watchdog)
+def test_levenberg_marquardt_reaches_known_minimum(problem, variant):
+    opt = pb.levenberg_marquardt(**VARIANTS[variant])
+    watchdog = VARIANTS[variant].get("watchdog")
     result = pb.fit(residual_fn_of(problem), jnp.array(problem.x0), opt, None, max_steps=500)
     loss = result.history.loss
     f = 2 * loss[-1]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from paribus.solvers import _common, _damping, _forms, _linear, _model
+from paribus.solvers import _common, _damping, _forms, _linear, _minpack, _model
 from paribus.solvers._info import StepInfo, empty_step_info, step_info
 
 PyTree = Any
@@ -206,7 +206,7 @@ def _watchdog_length(watchdog, n_rows: int, n_params: int) -> int | None:
 def _check_config(solve, damping, scaling, damping_bounds, *, where):
     _linear.check_solve(solve, where=where)
     rule = _damping.get_rule(damping, where=where)
-    if scaling not in SCALINGS:
+    if scaling is not None and scaling not in SCALINGS:
         raise ValueError(f"{where}: unknown scaling={scaling!r}; expected one of {SCALINGS}.")
     lo, hi = (float(b) for b in damping_bounds)
     if not 0 < lo < hi:
@@ -218,7 +218,7 @@ def levenberg_marquardt(
     *,
     solve: str = "auto",
     damping: str = "nielsen",
-    scaling: str = "identity",
+    scaling: str | None = None,
     init_damping: float | None = None,
     init_damping_relative: bool | None = None,
     damping_bounds: tuple[float, float] = (1e-20, 1e16),
@@ -255,14 +255,26 @@ def levenberg_marquardt(
         ``memory_budget`` bytes (default: half the device's free memory) or a factorisation
         would be larger than ``paribus.solvers._cost.MAX_DENSE`` on a side. Chosen at trace
         time; its code is ``state.step_info.form``.
-      damping: "nielsen", "marquardt", "delayed" or "trust_region" (see
-        ``paribus.solvers._damping``). The defaults (nielsen, identity scaling, lam0 = 1e-3
+      damping: "nielsen", "marquardt", "delayed", "trust_region" or "minpack" (see
+        ``paribus.solvers._damping``). "minpack" is MINPACK's lmder (Moré 1978,
+        ``paribus.solvers._minpack``): the trust region's radius is the state and each trial
+        is the step on its boundary, par solved from the secular equation through an
+        eigendecomposition of J^T J (an SVD of J where that does not resolve the step, and
+        for R < P), Gauss-Newton's step whenever it fits; D is Marquardt's scaling unless
+        ``scaling`` says otherwise. It needs the Jacobian (not solve="cg"), and takes no
+        ``init_damping``, geodesic acceleration or int watchdog ("auto" leaves it off).
+        Measured (``benchmarks/RESULTS.md``, 2026-12-03 14:30): on the MGH problems it
+        needs MINPACK's own trial counts (median 1.0x, it is MINPACK); on the networks users
+        bring with R > P it ends far above Nielsen's damping (``benchmarks/lm_minpack.py``),
+        and one update costs 8-10x Nielsen's primal one there. Use it for classic curve
+        fits, not for training networks. The defaults (nielsen, identity scaling, lam0 = 1e-3
         max diag(J^T J), no watchdog, no geodesic) were measured by
         ``benchmarks/lm_defaults.py``, ``benchmarks/lm_watchdog_nets.py`` and
         ``benchmarks/lm_watchdog_seeds.py`` (MGH problems, MLPs with N < P and N > P, the
         networks users bring over seeds; float64 and float32; ``benchmarks/RESULTS.md``).
       scaling: "identity" (D = I) or "marquardt" (D = running max of diag(J^T J), MINPACK,
-        floored at ``scaling_floor`` times its largest entry).
+        floored at ``scaling_floor`` times its largest entry); None: "marquardt" for
+        damping="minpack", "identity" for the others.
       init_damping: lam0, absolute or (``init_damping_relative``) times max diag(J^T J) / D at
         the first step. Default: the rule's (nielsen, trust_region: 1e-3 relative; marquardt:
         1e-3 absolute).
@@ -345,6 +357,19 @@ def levenberg_marquardt(
             f"{where}: watchdog must be None, 'auto' or an int >= 1 (trials an excursion may "
             f"take); got {watchdog!r}."
         )
+    if damping == "minpack":
+        clash = [f"{name}={value!r}" for name, value, bad in (
+            ("solve", solve, solve == "cg"),
+            ("geodesic", geodesic, geodesic is not None),
+            ("init_damping", init_damping, init_damping is not None),
+            ("watchdog", watchdog, watchdog not in (None, "auto")),
+        ) if bad]  # fmt: skip
+        if clash:
+            raise ValueError(
+                f"{where}: damping='minpack' sets each trial's lam from its trust region "
+                f"(a factorisation of J per step), so it cannot be combined with "
+                f"{', '.join(clash)}; use damping='nielsen' (or another rule) for those."
+            )
     if int(dual_refine_steps) < 0:
         raise ValueError(f"{where}: dual_refine_steps must be >= 0; got {dual_refine_steps}.")
     dual_options = _forms.DualOptions(max_steps=int(dual_refine_steps))
@@ -389,16 +414,29 @@ def levenberg_marquardt(
         )
         model, form = work.model, work.form
         dt = model.r.dtype
-        d, running = _scaling(state, model, scaling, scaling_floor)
-        lam = _first_damping(state, model, d, lam0) if relative else state.damping
-        lam = jnp.clip(lam, lo, hi)
-        plain = lam  # the damping ordinary LM would try now
         length = _watchdog_length(watchdog, model.r.size, work.flat.size)
-        if length is not None:  # the first trial is (almost) Gauss-Newton's step
-            lam = jnp.where(state.count == 0, jnp.clip(lam * WATCHDOG_SHRINK, lo, hi), lam)
-        sol = _forms.solve(
-            form, model, lam, d, min_norm=False, cg_options=cg_options, dual_options=dual_options
-        )
+        minpack = damping == "minpack"
+        if minpack:
+            length = None  # watchdog="auto" leaves MINPACK's trust region alone
+        scaling_now = scaling or ("marquardt" if minpack else "identity")
+        d, running = _scaling(state, model, scaling_now, scaling_floor)
+        if minpack:
+            radius = jnp.where(
+                state.count == 0, _minpack.initial_radius(work.flat, d), state.radius
+            ).astype(dt)
+            tr = _minpack.step(model, d, radius)
+            sol, lam = tr.solution, tr.par
+            plain = lam
+        else:
+            lam = _first_damping(state, model, d, lam0) if relative else state.damping
+            lam = jnp.clip(lam, lo, hi)
+            plain = lam  # the damping ordinary LM would try now
+            if length is not None:  # the first trial is (almost) Gauss-Newton's step
+                lam = jnp.where(state.count == 0, jnp.clip(lam * WATCHDOG_SHRINK, lo, hi), lam)
+            sol = _forms.solve(
+                form, model, lam, d, min_norm=False, cg_options=cg_options,
+                dual_options=dual_options,
+            )  # fmt: skip
         ok = _common.finite(sol.delta) & _common.finite(sol.jd)
         delta, jd = jnp.where(ok, sol.delta, 0), jnp.where(ok, sol.jd, 0)
         velocity = delta
@@ -433,7 +471,22 @@ def levenberg_marquardt(
         rho_rule = jnp.where(tie, 1.0, rho)
         step_norm = jnp.linalg.norm(delta)
         tie_step = jnp.where(tie, step_norm, 0).astype(dt)
-        new_lam, nu, radius = rule.update(lam, state.nu, state.radius, rho_rule, accepted, snorm)
+        if minpack:
+            # lmder cuts the first radius to the first step's length.
+            radius = jnp.where(state.count == 0, jnp.minimum(radius, snorm), radius)
+            radius, new_lam = _minpack.next_radius(
+                radius, lam, rho_rule, snorm, jd, model.value.astype(dt), trial_value.astype(dt),
+                actual.astype(dt),
+            )  # fmt: skip
+            nu = state.nu
+            # No smaller region can move theta in its dtype: MINPACK's xtol test at eps.
+            w = 1 if d is None else jnp.sqrt(d)
+            floor = jnp.finfo(dt).eps * jnp.linalg.norm(w * work.flat)
+            collapsed = ~accepted & (radius <= floor)
+        else:
+            new_lam, nu, radius = rule.update(
+                lam, state.nu, state.radius, rho_rule, accepted, snorm
+            )
         update = jnp.where(accepted, delta, 0)
         watch = {}  # the watchdog's state fields, unchanged without it
         if length is not None:
@@ -465,6 +518,7 @@ def levenberg_marquardt(
             step_norm = jnp.where(wd.revert, jnp.linalg.norm(update), step_norm)
             watch = wd.fields
         next_lam = jnp.clip(new_lam, lo, hi).astype(lam.dtype)
+        at_limit = collapsed if minpack else ~accepted & (next_lam <= lam)
         info = step_info(
             loss=model.value.astype(dt),
             grad_norm=sol.gnorm,
@@ -475,7 +529,7 @@ def levenberg_marquardt(
             trial_loss=trial_value,
             form=_linear.CODES[form],
             repair=sol.repair,
-            at_damping_limit=~accepted & (next_lam <= lam),
+            at_damping_limit=at_limit,
             at_noise_floor=tie & (state.tie_step > 0) & (step_norm > TIE_SHRINK * state.tie_step),
         )
         new_state = LevenbergMarquardtState(
