@@ -16,10 +16,10 @@ Setup:
   "minpack". Reported: the lowest L / L_0 after 25 and 100 trials, and the trials each needs
   to reach the other's 100-trial value (1.001 x).
 - Time: one jitted update (compile apart) of the pb.nets MLP 1-h-1 (tanh) on N points of a
-  sine, float32, for (N, h) with P from 61 to 1,201 and R / P from 3 to 33; the solve form
+  sine, float32, for (N, h) with P from 61 to 1,201 and R / P from 4 to 33; the solve form
   is "auto" (primal for all of these).
 
-Run: ``python benchmarks/lm_minpack.py`` (about 10 minutes on one core; ``--quick``: 2
+Run: ``python benchmarks/lm_minpack.py`` (about 15 minutes on one core; ``--quick``: 2
 seeds, pb.nets, Equinox and the CNN, two timing sizes).
 """
 

@@ -263,13 +263,15 @@ def levenberg_marquardt(
         for R < P), Gauss-Newton's step whenever it fits; D is Marquardt's scaling unless
         ``scaling`` says otherwise. It needs the Jacobian (not solve="cg"), and takes no
         ``init_damping``, geodesic acceleration or int watchdog ("auto" leaves it off).
-        Measured (``benchmarks/RESULTS.md``, 2026-12-03 14:30): on the MGH problems it
-        needs MINPACK's own trial counts (median 1.0x, it is MINPACK); on the networks users
-        bring with R > P it ends far above Nielsen's damping (``benchmarks/lm_minpack.py``),
-        and one update costs 8-10x Nielsen's primal one there. Use it for classic curve
-        fits, not for training networks. The defaults (nielsen, identity scaling, lam0 = 1e-3
-        max diag(J^T J), no watchdog, no geodesic) were measured by
-        ``benchmarks/lm_defaults.py``, ``benchmarks/lm_watchdog_nets.py`` and
+        Measured (``benchmarks/RESULTS.md``, 2026-12-03 14:20): on the MGH problems it
+        needs MINPACK's trials (median 1.0x in float64, 41 of 43 starts solved, worst 2.5x;
+        Nielsen's damping 1.21x and 5.7x); on the networks users bring with R > P it ends
+        3.2x higher after 100 trials in float64 (geometric mean; up to 2,700x on the MLPs,
+        ``benchmarks/lm_minpack.py``), and one update there costs 4.6-9.3x Nielsen's. Use
+        it for classic curve fits, not for training networks. The defaults (nielsen,
+        identity scaling, lam0 = 1e-3 max diag(J^T J), no watchdog, no geodesic) were
+        measured by ``benchmarks/lm_defaults.py``, ``benchmarks/lm_minpack.py``,
+        ``benchmarks/lm_watchdog_nets.py`` and
         ``benchmarks/lm_watchdog_seeds.py`` (MGH problems, MLPs with N < P and N > P, the
         networks users bring over seeds; float64 and float32; ``benchmarks/RESULTS.md``).
       scaling: "identity" (D = I) or "marquardt" (D = running max of diag(J^T J), MINPACK,
