@@ -181,3 +181,23 @@ def test_minpack_is_vmappable_and_float32_works():
     fitted = jax.jit(jax.vmap(lambda s: pb.fit(fn, s, opt, max_steps=60).params))(starts)
     assert fitted.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(fitted), [[2.0, 1.3, 0.5]] * 2, rtol=1e-4)
+
+
+def test_minpack_with_a_loss_at_the_outputs():
+    """Generalised Gauss-Newton (softmax cross-entropy, 300 digits, 64-8-10 tanh: R = 3,000 >
+    P = 610, float32): the trust region works on the whitened residuals (identity scaling
+    under a loss) and lowers the loss 1,000-fold in 20 trials, as Nielsen's damping does."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    batch = (jnp.asarray(digits.data[:300] / 16.0, jnp.float32),
+             jnp.asarray(digits.target[:300], jnp.int32))  # fmt: skip
+    init, apply = pb.nets.mlp([64, 8, 10], "tanh", dtype=jnp.float32)
+    loss = pb.losses.softmax_cross_entropy()
+    fn = pb.losses.network_outputs(apply, loss)
+    for damping in ("minpack", "nielsen"):
+        opt = pb.levenberg_marquardt(loss=loss, damping=damping)
+        result = pb.fit(fn, init(jax.random.key(0)), opt, batch, max_steps=20)
+        history = np.asarray(result.history.loss)
+        assert np.all(np.isfinite(history)) and np.all(np.diff(history) <= 0), damping
+        assert history[-1] < 1e-3 * history[0], (damping, history[-1] / history[0])

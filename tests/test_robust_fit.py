@@ -58,16 +58,16 @@ def scipy_minimiser(name, scale, batch, x0):
     return ref, x, cost
 
 
+@pytest.mark.parametrize("damping", ["nielsen", "minpack"])
 @pytest.mark.parametrize("scale", [0.1, 1.0])
 @pytest.mark.parametrize("name", ["huber", "soft_l1", "cauchy", "arctan"])
-def test_levenberg_marquardt_matches_scipy(name, scale):
+def test_levenberg_marquardt_matches_scipy(name, scale, damping):
     batch = problem()
     x0 = jnp.array([1.0, 1.0, 0.0])
     ref, x_star, cost = scipy_minimiser(name, scale, batch, x0)
     loss = pb.losses.robust(name, scale)
-    result = pb.fit(
-        residual_fn, x0, pb.levenberg_marquardt(loss=loss), batch, max_steps=300, loss=loss
-    )
+    opt = pb.levenberg_marquardt(loss=loss, damping=damping)
+    result = pb.fit(residual_fn, x0, opt, batch, max_steps=300, loss=loss)
     assert result.stop_reason != "non_finite"
     np.testing.assert_allclose(result.params, x_star, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(result.params, ref.x, rtol=1e-7)  # scipy's stopping accuracy
