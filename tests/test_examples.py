@@ -83,6 +83,12 @@ def check_sharding(finding: str) -> None:
     assert "replicated: True" in finding, finding
 
 
+def check_curve_fit(finding: str) -> None:
+    assert _num(r"parameters within NUM", finding) < 1e-6, finding
+    ours, scipy = _num(r"in NUM trials", finding), _num(r"against scipy's NUM", finding)
+    assert ours <= scipy + 2, finding
+
+
 # script -> (plot it writes or None, check of its FINDING line, extra XLA flags)
 EXAMPLES = {
     "01_partial_and_jacobian": ("01_jacobian.png", check_partial, ""),
@@ -93,6 +99,7 @@ EXAMPLES = {
     "06_pinn_poisson_1d": ("06_pinn_poisson_1d.png", check_pinn, ""),
     "07_find_mislabelled": ("07_find_mislabelled.png", check_mislabelled, ""),
     "08_sharding": (None, check_sharding, EIGHT),
+    "09_curve_fit_minpack": ("09_curve_fit.png", check_curve_fit, ""),
 }
 
 
