@@ -4,15 +4,15 @@ The radius Delta, not lam, is the state. Each trial is the step on the radius's 
 
     p(par) = -(J^T J + par D)^-1 g,      ||D^1/2 p(par)|| = Delta,
 
-or Gauss-Newton's step (par = 0) when that lies within 1.1 Delta. With J^ = J D^-1/2 = U S V^T
-(one decomposition per step) and g^ = V^T D^-1/2 g,
+or Gauss-Newton's step (par = 0) when that lies within 1.1 Delta. With Js = J D^-1/2 = U S V^T
+(one decomposition per step) and gs = V^T D^-1/2 g,
 
-    ||D^1/2 p(par)||^2 = sum_i g^_i^2 / (s_i^2 + par)^2,
+    ||D^1/2 p(par)||^2 = sum_i gs_i^2 / (s_i^2 + par)^2,
 
 so every par costs O(P) (:func:`step` says how S and V are computed) and the secular
 equation is solved to rounding by Moré's Newton iteration on 1 / ||D^1/2 p||, kept inside a
 bracket (MINPACK's lmpar stops within 10% after up to 10 factorisations). Gauss-Newton's
-step drops the singular values J^ does not resolve (the step of least ||D^1/2 p|| where J is
+step drops the singular values Js does not resolve (the step of least ||D^1/2 p|| where J is
 rank-deficient or R < P: the limit of p(par) as par -> 0).
 
 The radius then follows lmder: Delta_0 = 100 ||D^1/2 theta_0|| (100 at theta_0 = 0), cut to
@@ -28,7 +28,9 @@ and a trial is kept when rho > 1e-4. D is the running maximum of diag(J^T J) (``
 
 Cost: one trial (one evaluation of the loss) per step, as MINPACK counts them; the
 eigendecomposition of J^T J (R >= P: 1.5-3x the primal form's Cholesky on the CPU) or the SVD
-of J (R < P, or where the Gram does not resolve the step: about 10x).
+of J (R < P, or where the Gram does not resolve the step: about 10x). A whole update of the
+pb.nets MLPs of ``benchmarks/lm_minpack.py`` (P = 61 to 1,201, float32, where J's conditioning
+sends every step to the SVD) costs 4.6-9.3x Nielsen's.
 """
 
 from __future__ import annotations
@@ -43,8 +45,6 @@ from paribus.solvers._model import Model
 
 FACTOR = 100.0
 """Delta_0 = FACTOR ||D^1/2 theta_0|| (lmder's ``factor``)."""
-THRESHOLD = 1e-4
-"""A trial is kept when its gain ratio exceeds this (lmder's 1e-4)."""
 SECULAR_STEPS = 40
 """Newton iterations on the secular equation (each O(P); converged to rounding well before)."""
 
@@ -65,12 +65,12 @@ def initial_radius(flat: jax.Array, d: jax.Array | None) -> jax.Array:
 
 
 def _secular(gh: jax.Array, s2: jax.Array, radius: jax.Array) -> jax.Array:
-    """par > 0 with ||g^ / (s^2 + par)|| = radius, given that par = 0 overshoots it.
+    """par > 0 with ||gs / (s^2 + par)|| = radius, given that par = 0 overshoots it.
 
     Newton's iteration on 1 / ||q(par)|| (nearly linear in par: Moré 1978, sec. 5), inside the
     bracket [lo, hi] that each iterate narrows; an iterate outside it is replaced by the
     geometric mean of the bracket (or 1e-3 hi while lo = 0), as lmpar does. hi starts at
-    ||g^|| / radius, where ||q|| <= ||g^|| / par is at most radius.
+    ||gs|| / radius, where ||q|| <= ||gs|| / par is at most radius.
     """
     hi0 = jnp.linalg.norm(gh) / radius
 
@@ -100,14 +100,14 @@ def _boundary(gh, s2, cut, radius):
 
 
 def _from_svd(jh: jax.Array, gw: jax.Array, radius: jax.Array):
-    """(q = D^1/2 p, par) from the SVD of J^ itself: every singular value J resolves."""
+    """(q = D^1/2 p, par) from the SVD of Js itself: every singular value J resolves."""
     rows, cols = jh.shape
     _, s, vt = jnp.linalg.svd(jh, full_matrices=False)
     gh = vt @ gw
     s2 = s * s
     cut = s > jnp.finfo(jh.dtype).eps * max(rows, cols) * s[0]
     if rows < cols:
-        # The part of g^ outside the row space (e, with a loss at the outputs) has no
+        # The part of gs outside the row space (e, with a loss at the outputs) has no
         # curvature: one more term with s = 0, left out of Gauss-Newton's step.
         perp = gw - vt.T @ gh
         pn = jnp.linalg.norm(perp)
@@ -124,12 +124,12 @@ def _from_svd(jh: jax.Array, gw: jax.Array, radius: jax.Array):
 def step(model: Model, d: jax.Array | None, radius: jax.Array) -> Step:
     """The trial on the trust region's boundary (or Gauss-Newton's step inside it).
 
-    R >= P: from the eigenvalues of J^^T J^ = V S^2 V^T (1.5-3x a Cholesky of the primal form
+    R >= P: from the eigenvalues of Js^T Js = V S^2 V^T (1.5-3x a Cholesky of the primal form
     on the CPU, where the SVD of J is 10x), unless the step needs directions whose s_i^2 lie
-    within ``SWITCH`` times the rounding floor of J^^T J^ as formed (par below it and such an
+    within ``SWITCH`` times the rounding floor of Js^T Js as formed (par below it and such an
     s_i present: a rank-deficient or ill-conditioned J near Gauss-Newton's step), where the
-    SVD of J^ itself gives it (Powell's singular function: the Gram's step stalls at
-    F = 6e-29, the SVD's converges). R < P: the SVD of J^.
+    SVD of Js itself gives it (Powell's singular function: the Gram's step stalls at
+    F = 6e-29, the SVD's converges). R < P: the SVD of Js.
     """
     jac = model.jacobian()
     g = gradient(model, jac.T @ model.r)
