@@ -273,6 +273,8 @@ def _optimisers():
         # small run compiles with XLA's quick settings (pb.fit's default here), which round
         # otherwise again: 1.07e-8 seen, hence 5e-8.
         pytest.param(levenberg_marquardt(solve="cg", cg_max_steps=200), 5e-8, id="lm-cg"),
+        # MINPACK's trust region: an SVD of the (row-sharded) J, or eigh of its Gram.
+        pytest.param(levenberg_marquardt(damping="minpack"), 1e-9, id="lm-minpack"),
     ]
 
 
@@ -291,6 +293,24 @@ def test_fit_sharded_equals_single_device(mesh, problem, opt, rtol):
     np.testing.assert_array_equal(sharded.history.solve_form, single.history.solve_form)
     # Parameters come back replicated: every device holds the same full copy.
     assert _is_replicated(sharded.params)
+
+
+def test_minpack_sharded_with_more_residuals_than_parameters(mesh):
+    """damping="minpack" where R = 256 > P = 122 (the eigendecomposition of J^T J and its SVD
+    repair under lax.cond, not the R < P path the problem above takes): sharded and
+    single-device runs agree."""
+    params, apply = random_mlp(jax.random.key(0), SIZES)
+    xs = jax.random.normal(jax.random.key(2), (128, SIZES[0]))
+    batch = (xs, jnp.sin(xs[:, :2] * 2.0))
+    residual_fn = pb.regression_residuals(apply)
+    opt = levenberg_marquardt(damping="minpack")
+    single = fit(residual_fn, params, opt, batch, max_steps=8)
+    p_s, b_s = _placed(mesh, params, batch)
+    sharded = fit(residual_fn, p_s, opt, b_s, max_steps=8)
+    assert single.history.loss[-1] < 0.5 * single.history.loss[0]
+    np.testing.assert_allclose(sharded.history.loss, single.history.loss, rtol=1e-9)
+    np.testing.assert_array_equal(sharded.history.accepted, single.history.accepted)
+    _assert_close(sharded.params, single.params, 1e-8)
 
 
 def test_fit_loop_makes_no_host_transfer(mesh, problem):
