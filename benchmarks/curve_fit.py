@@ -68,6 +68,19 @@ def median_time(call, repeats):
     return float(np.median(times))
 
 
+def timed_jit(solve, problem, repeats):
+    """Time a jitted ``solve(x0) -> (x, evaluations)`` from the problem's start."""
+    x0 = jnp.asarray(problem.x0, jnp.float64)
+    start = time.perf_counter()
+    jax.block_until_ready(solve(x0))
+    first = time.perf_counter() - start
+    run = median_time(lambda: jax.block_until_ready(solve(x0)), repeats)
+    x, evals = solve(x0)
+    r = np.asarray(problem.residuals(x))
+    return {"run_s": run, "compile_s": max(first - run, 0.0), "f": float(r @ r),
+            "evals": int(evals)}  # fmt: skip
+
+
 def run_paribus(problem, opt, repeats):
     def residual_fn(x, batch):
         return problem.residuals(x)
@@ -98,15 +111,7 @@ def run_paribus_jit(problem, opt, repeats):
         result = pb.fit(residual_fn, x0, opt, max_steps=MAX_STEPS)
         return result.params, result.steps
 
-    x0 = jnp.asarray(problem.x0, jnp.float64)
-    start = time.perf_counter()
-    jax.block_until_ready(fit(x0))
-    first = time.perf_counter() - start
-    run = median_time(lambda: jax.block_until_ready(fit(x0)), repeats)
-    params, steps = fit(x0)
-    r = np.asarray(problem.residuals(params))
-    return {"run_s": run, "compile_s": max(first - run, 0.0), "f": float(r @ r),
-            "evals": int(steps)}  # fmt: skip
+    return timed_jit(fit, problem, repeats)
 
 
 def run_scipy(problem, repeats):
@@ -136,15 +141,7 @@ def run_optimistix(problem, repeats):
                                  max_steps=MAX_STEPS, throw=False)  # fmt: skip
         return sol.value, sol.stats["num_steps"]
 
-    x0 = jnp.asarray(problem.x0, jnp.float64)
-    start = time.perf_counter()
-    jax.block_until_ready(solve(x0))
-    first = time.perf_counter() - start
-    run = median_time(lambda: jax.block_until_ready(solve(x0)), repeats)
-    value, steps = solve(x0)
-    r = np.asarray(problem.residuals(value))
-    return {"run_s": run, "compile_s": max(first - run, 0.0), "f": float(r @ r),
-            "evals": int(steps)}  # fmt: skip
+    return timed_jit(solve, problem, repeats)
 
 
 def main() -> None:
