@@ -201,3 +201,12 @@ def test_minpack_with_a_loss_at_the_outputs():
         history = np.asarray(result.history.loss)
         assert np.all(np.isfinite(history)) and np.all(np.diff(history) <= 0), damping
         assert history[-1] < 1e-3 * history[0], (damping, history[-1] / history[0])
+
+
+def test_minpack_refuses_a_problem_auto_sends_to_cg():
+    """With a memory budget too small for a dense form, solve="auto" picks matrix-free cg;
+    MINPACK's trust region needs the dense Jacobian, so it says so instead of forming it."""
+    opt = pb.levenberg_marquardt(damping="minpack", memory_budget=1)
+    x0 = jnp.ones(3)
+    with pytest.raises(ValueError, match="chose matrix-free 'cg'"):
+        opt.update(None, opt.init(x0), x0, residual_fn=lambda p, b: p**2 - 1.0, batch=None)

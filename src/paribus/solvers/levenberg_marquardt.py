@@ -261,8 +261,9 @@ def levenberg_marquardt(
         is the step on its boundary, par solved from the secular equation through an
         eigendecomposition of J^T J (an SVD of J where that does not resolve the step, and
         for R < P), Gauss-Newton's step whenever it fits; D is Marquardt's scaling unless
-        ``scaling`` says otherwise. It needs the Jacobian (not solve="cg"), and takes no
-        ``init_damping``, geodesic acceleration or int watchdog ("auto" leaves it off).
+        ``scaling`` says otherwise. It needs the dense Jacobian (an error for solve="cg", or
+        where "auto" picks cg), and takes no ``init_damping``, geodesic acceleration or int
+        watchdog ("auto" leaves it off).
         Measured (``benchmarks/RESULTS.md``, 2026-12-03 14:20): on the MGH problems it
         needs MINPACK's trials (median 1.0x in float64, 41 of 43 starts solved, worst 2.5x;
         Nielsen's damping 1.21x and 5.7x); on the networks users bring with R > P it ends
@@ -424,6 +425,14 @@ def levenberg_marquardt(
         minpack = damping == "minpack"
         if minpack:
             length = None  # watchdog="auto" leaves MINPACK's trust region alone
+            if form == "cg":
+                raise ValueError(
+                    f"{where}: damping='minpack' decomposes the dense Jacobian (R x P = "
+                    f"{model.r.size} x {work.flat.size}), but solve='auto' chose matrix-free "
+                    "'cg' here because a dense form exceeds memory_budget or "
+                    "paribus.solvers._cost.MAX_DENSE; use damping='nielsen', or raise "
+                    "memory_budget if the device can hold J."
+                )
         # Marquardt's D for MINPACK's own problem, 1/2 ||r||^2; with a loss the weights move
         # diag(J^T J) by orders of magnitude between steps and a running max of it misleads.
         scaling_now = scaling or ("marquardt" if minpack and loss is None else "identity")
