@@ -264,6 +264,18 @@ def estimate(
     return out
 
 
+def _dense_forms(costs, n_res: int, n_params: int, budget: int) -> list[str]:
+    """The factorised form of the nonsingular side, if it fits in ``budget`` and MAX_DENSE."""
+    side = {"dual": n_res} if n_res < n_params else {"primal": n_params}
+    return [f for f in side if costs[f].bytes <= budget and side[f] <= MAX_DENSE]
+
+
+def dense_fits(n_res: int, n_params: int, itemsize: int, budget: int, plan=None) -> bool:
+    """Whether "auto" could factorise this problem densely (else it must be matrix-free)."""
+    costs = estimate(n_res, n_params, itemsize, plan)
+    return bool(_dense_forms(costs, n_res, n_params, budget))
+
+
 def choose(
     solve: str,
     n_res: int,
@@ -286,8 +298,7 @@ def choose(
     # R = 16, P = 3: dual stalls at f = 94.46, tests/test_zoo.py); J^T J likewise for R < P.
     # qr is not a candidate: it does at least primal's flops (2 (R + P) P^2 against
     # 2 R P^2 + P^3 / 3), and primal switches to it by itself when its Cholesky is not trusted.
-    side = {"dual": n_res} if n_res < n_params else {"primal": n_params}
-    dense = [f for f in side if costs[f].bytes <= budget and side[f] <= MAX_DENSE]
+    dense = _dense_forms(costs, n_res, n_params, budget)
     if not dense:
         return "cg"
     best = min(dense, key=lambda f: costs[f].seconds)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from paribus.solvers import _common, _damping, _forms, _linear, _minpack, _model
+from paribus.solvers import _common, _cost, _damping, _forms, _linear, _minpack, _model
 from paribus.solvers._info import StepInfo, empty_step_info, step_info
 
 PyTree = Any
@@ -425,7 +425,15 @@ def levenberg_marquardt(
         minpack = damping == "minpack"
         if minpack:
             length = None  # watchdog="auto" leaves MINPACK's trust region alone
-            if form == "cg":
+            budget = memory_budget
+            if budget is None:
+                from paribus import memory
+
+                budget = memory.default_budget()
+            itemsize = jnp.dtype(dt).itemsize
+            plan = model.linearization.plan
+            if form == "cg" and not _cost.dense_fits(model.r.size, work.flat.size, itemsize,
+                                                     budget, plan):  # fmt: skip
                 raise ValueError(
                     f"{where}: damping='minpack' decomposes the dense Jacobian (R x P = "
                     f"{model.r.size} x {work.flat.size}), but solve='auto' chose matrix-free "
