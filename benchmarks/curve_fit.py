@@ -47,16 +47,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests"))
 
 import _common  # noqa: E402
+from lm_defaults import solved  # noqa: E402
 from zoo import PROBLEMS  # noqa: E402
 
 import paribus as pb  # noqa: E402
 
 MAX_STEPS = 500
 QUICK = ("rosenbrock", "beale", "bard", "box_3d", "osborne1", "biggs_exp6")
-
-
-def solved(f, minima):
-    return any(abs(f - m) <= 1e-6 * abs(m) if m else f <= 1e-14 for m in minima)
 
 
 def median_time(call, repeats):
@@ -167,7 +164,7 @@ def main() -> None:
             row[f"{name} run"] = _common.fmt_ms(got["run_s"])
             row[f"{name} compile"] = _common.fmt_ms(got["compile_s"])
             row[f"{name} evals"] = got["evals"]
-            row[f"{name} solved"] = solved(got["f"], problem.minima)
+            row[f"{name} solved"] = solved(got["f"], problem.minima, rtol=1e-6, zero=1e-14)
             row[f"_{name}"] = got["run_s"]
         rows.append(row)
         print({k: v for k, v in row.items() if not k.startswith("_")}, flush=True)

@@ -27,7 +27,7 @@ def test_geodesic_step_is_velocity_plus_half_acceleration():
     """delta = v + a / 2, v = -(J^T J + lam I)^-1 J^T r, a = -(J^T J + lam I)^-1 J^T r_vv."""
     problem = BY_NAME["rosenbrock"]
     x0 = jnp.array(problem.x0)
-    # Monotone LM's step (R = P = 2 would turn the default watchdog on: a Gauss-Newton trial).
+    # Monotone LM's step, explicitly (watchdog="auto" would take a Gauss-Newton trial: R = P).
     opt = pb.levenberg_marquardt(geodesic=10.0, init_damping=1.0, watchdog=None)
     step, state = opt.update(
         None, opt.init(x0), x0, residual_fn=residual_fn_of(problem), batch=None

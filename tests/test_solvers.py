@@ -448,8 +448,8 @@ def test_linear_problem_gain_ratio_is_one_and_step_is_the_twin():
 
 
 def test_non_finite_trial_is_a_rejection_not_a_poisoned_state():
-    # Monotone LM (R = P = 1 would turn the default watchdog on; its own NaN-first-trial test
-    # is in test_lm_defaults.py).
+    # Monotone LM, explicitly (watchdog="auto" would be on here, R = P = 1; the watchdog's own
+    # NaN-first-trial test is in test_lm_defaults.py).
     opt = pb.levenberg_marquardt(init_damping=1e-9, init_damping_relative=False, watchdog=None)
     residual_fn = lambda p, b: jnp.sqrt(p) - 1.0  # noqa: E731
     params = jnp.array([100.0])

@@ -91,8 +91,11 @@ def setup(
     cg_max_steps: int = 50,
     state=None,
     state_type: type | None = None,
+    dense_only: bool = False,
 ) -> Setup:
-    """The model at params and the solve form for its sizes (see :class:`Setup`)."""
+    """The model at params and the solve form for its sizes (see :class:`Setup`);
+    ``dense_only``: "auto" goes matrix-free only where no dense form fits (see
+    ``_cost.choose``)."""
     if budget is None:
         from paribus import memory
 
@@ -109,7 +112,8 @@ def setup(
 
     itemsize = np.dtype(work).itemsize
     form = _cost.choose(solve, int(model.r.shape[0]), flat.size, itemsize, budget,
-                        model.linearization.plan, cg_max_steps=cg_max_steps)  # fmt: skip
+                        model.linearization.plan, cg_max_steps=cg_max_steps,
+                        dense_only=dense_only)  # fmt: skip
     if state_type is not None:
         check_state(state, state_type, n_params=flat.size, dtype=work, where=where)
     return Setup(model, form, flat.astype(work), unravel, lift)

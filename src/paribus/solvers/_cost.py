@@ -264,18 +264,6 @@ def estimate(
     return out
 
 
-def _dense_forms(costs, n_res: int, n_params: int, budget: int) -> list[str]:
-    """The factorised form of the nonsingular side, if it fits in ``budget`` and MAX_DENSE."""
-    side = {"dual": n_res} if n_res < n_params else {"primal": n_params}
-    return [f for f in side if costs[f].bytes <= budget and side[f] <= MAX_DENSE]
-
-
-def dense_fits(n_res: int, n_params: int, itemsize: int, budget: int, plan=None) -> bool:
-    """Whether "auto" could factorise this problem densely (else it must be matrix-free)."""
-    costs = estimate(n_res, n_params, itemsize, plan)
-    return bool(_dense_forms(costs, n_res, n_params, budget))
-
-
 def choose(
     solve: str,
     n_res: int,
@@ -286,10 +274,12 @@ def choose(
     *,
     cg_max_steps: int = DEFAULT_CG_STEPS,
     rates: Rates = CPU,
+    dense_only: bool = False,
 ) -> str:
     """The form "auto" resolves to: the cheapest by :func:`estimate` whose dense intermediates
     fit in ``budget`` bytes and whose factorisation is at most ``MAX_DENSE`` on a side, cg only
-    when :data:`CG_MARGIN` times cheaper than that; cg when no factorised form fits."""
+    when :data:`CG_MARGIN` times cheaper than that; cg when no factorised form fits.
+    ``dense_only`` (a caller that needs J itself, LM's damping="minpack"): cg only then."""
     if solve != "auto":
         return solve
     costs = estimate(n_res, n_params, itemsize, plan, cg_max_steps=cg_max_steps, rates=rates)
@@ -298,8 +288,11 @@ def choose(
     # R = 16, P = 3: dual stalls at f = 94.46, tests/test_zoo.py); J^T J likewise for R < P.
     # qr is not a candidate: it does at least primal's flops (2 (R + P) P^2 against
     # 2 R P^2 + P^3 / 3), and primal switches to it by itself when its Cholesky is not trusted.
-    dense = _dense_forms(costs, n_res, n_params, budget)
+    side = {"dual": n_res} if n_res < n_params else {"primal": n_params}
+    dense = [f for f in side if costs[f].bytes <= budget and side[f] <= MAX_DENSE]
     if not dense:
         return "cg"
     best = min(dense, key=lambda f: costs[f].seconds)
+    if dense_only:
+        return best
     return "cg" if CG_MARGIN * costs["cg"].seconds < costs[best].seconds else best

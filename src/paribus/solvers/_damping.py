@@ -16,10 +16,11 @@ Each rule maps (lam, nu, radius, rho, accepted, scaled step norm) to the next (l
   ||D^1/2 delta|| / radius when the step overshoots the new radius (the large-lam law
   ||delta|| ~ ||g|| / lam), so every step costs one factorisation. Accept when rho > 1e-4
   (MINPACK).
-- ``"minpack"`` (Moré 1978, MINPACK lmder exactly): the radius is the state, and each trial is
-  the step on its boundary, par solved from the secular equation through one SVD of J per
-  step (``paribus.solvers._minpack``); Gauss-Newton's step whenever it fits. Accept when
-  rho > 1e-4. Its update needs the trial itself, so it lives in that module (``update`` None).
+- ``"minpack"`` (Moré 1978, MINPACK lmder): the radius is the state, and each trial is the
+  step on its boundary, par solved from the secular equation through one decomposition of
+  J per step (``paribus.solvers._minpack``); Gauss-Newton's step whenever it fits. Accept
+  when rho > 1e-4. Its update needs the trial itself, so it lives in that module (``update``
+  None).
 """
 
 from __future__ import annotations
@@ -77,8 +78,6 @@ RULES = {
     "trust_region": Rule("trust_region", 1e-3, True, 1e-4, _trust_region),
     "minpack": Rule("minpack", 1e-3, True, 1e-4, None),
 }
-LAM_RULES = tuple(name for name in RULES if RULES[name].update is not None)
-"""The rules that drive lam itself (the watchdog and geodesic acceleration need one)."""
 
 
 def get_rule(name: str, *, where: str) -> Rule:

@@ -57,10 +57,14 @@ class Step(NamedTuple):
     scaled_norm: jax.Array
 
 
+def scaled_norm(v: jax.Array, d: jax.Array | None) -> jax.Array:
+    """||D^1/2 v|| (||v|| where D = I)."""
+    return jnp.linalg.norm(v if d is None else jnp.sqrt(d) * v)
+
+
 def initial_radius(flat: jax.Array, d: jax.Array | None) -> jax.Array:
     """Delta_0 = 100 ||D^1/2 theta_0||, or 100 where that is 0."""
-    w = 1 if d is None else jnp.sqrt(d)
-    radius = FACTOR * jnp.linalg.norm(w * flat)
+    radius = FACTOR * scaled_norm(flat, d)
     return jnp.where(radius > 0, radius, FACTOR)
 
 

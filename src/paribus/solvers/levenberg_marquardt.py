@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from paribus.solvers import _common, _cost, _damping, _forms, _linear, _minpack, _model
+from paribus.solvers import _common, _damping, _forms, _linear, _minpack, _model
 from paribus.solvers._info import StepInfo, empty_step_info, step_info
 
 PyTree = Any
@@ -418,6 +418,7 @@ def levenberg_marquardt(
             cg_max_steps=cg_options.max_steps,
             state=state,
             state_type=LevenbergMarquardtState,
+            dense_only=damping == "minpack",  # it decomposes J itself
         )
         model, form = work.model, work.form
         dt = model.r.dtype
@@ -425,15 +426,7 @@ def levenberg_marquardt(
         minpack = damping == "minpack"
         if minpack:
             length = None  # watchdog="auto" leaves MINPACK's trust region alone
-            budget = memory_budget
-            if budget is None:
-                from paribus import memory
-
-                budget = memory.default_budget()
-            itemsize = jnp.dtype(dt).itemsize
-            plan = model.linearization.plan
-            if form == "cg" and not _cost.dense_fits(model.r.size, work.flat.size, itemsize,
-                                                     budget, plan):  # fmt: skip
+            if form == "cg":  # only where no dense form fits (setup's dense_only)
                 raise ValueError(
                     f"{where}: damping='minpack' decomposes the dense Jacobian (R x P = "
                     f"{model.r.size} x {work.flat.size}), but solve='auto' chose matrix-free "
@@ -505,9 +498,9 @@ def levenberg_marquardt(
             )  # fmt: skip
             nu = state.nu
             # No smaller region can move theta in its dtype: MINPACK's xtol test at eps.
-            w = 1 if d is None else jnp.sqrt(d)
-            floor = jnp.finfo(dt).eps * jnp.linalg.norm(w * work.flat)
-            collapsed = ~accepted & (radius <= floor)
+            collapsed = ~accepted & (
+                radius <= jnp.finfo(dt).eps * _minpack.scaled_norm(work.flat, d)
+            )
         else:
             new_lam, nu, radius = rule.update(
                 lam, state.nu, state.radius, rho_rule, accepted, snorm
