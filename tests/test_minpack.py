@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from nets_zoo import ZOO, N
 from zoo import PROBLEMS
 
 import paribus as pb
@@ -210,3 +211,25 @@ def test_minpack_refuses_a_problem_auto_sends_to_cg():
     x0 = jnp.ones(3)
     with pytest.raises(ValueError, match="chose matrix-free 'cg'"):
         opt.update(None, opt.init(x0), x0, residual_fn=lambda p, b: p**2 - 1.0, batch=None)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_minpack_on_the_networks_users_bring(name, dtype):
+    """Every network of tests/nets_zoo.py (pb.nets, a closure, Equinox, Flax NNX, a CNN, an
+    attention block, an RNN), float64 and float32, with R = 2 N < P (the SVD path) and R > P
+    (the Gram's eigendecomposition): the runs stay finite, never accept a rise of L, and
+    lower it."""
+    apply, params, xs = ZOO[name](dtype=dtype)
+    n_params = sum(np.size(p) for p in jax.tree.leaves(params))
+    rounding = 1e3 * np.finfo(dtype).eps
+    for n in (N, n_params):  # R = 2 N: below P, then above it
+        inputs = jax.random.normal(jax.random.key(n), (n, *xs.shape[1:]), dtype)
+        batch = (inputs, jnp.sin(jnp.arange(2 * n, dtype=dtype).reshape(n, 2)))
+        result = pb.fit(pb.regression_residuals(apply), params,
+                        pb.levenberg_marquardt(damping="minpack"), batch, max_steps=10)  # fmt: skip
+        loss = np.asarray(result.history.loss, float)
+        assert result.history.loss.dtype == dtype
+        assert np.all(np.isfinite(loss)), (n, loss)
+        assert np.all(np.diff(loss) <= rounding * loss[:-1]), (n, loss)
+        assert loss[-1] < 0.9 * loss[0], (n, loss)
