@@ -31,3 +31,17 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop JAX's compiled executables after each test module. Each holds memory maps of its
+    machine code, and one pytest process compiles thousands: the kernel's limit of 65,530
+    maps per process was reached once the suite grew (XLA then segfaulted inside a compile in
+    tests/test_minpack.py; benchmarks/lm_watchdog_seeds.py hit the same limit as "Cannot
+    allocate memory")."""
+    yield
+    jax.clear_caches()
