@@ -1,17 +1,19 @@
-"""A classic curve fit with MINPACK's Levenberg-Marquardt, inside JAX.
+"""A classic curve fit with MINPACK's Levenberg-Marquardt, inside JAX: ``pb.least_squares``.
 
 Not every least-squares problem is a network. For a model with a handful of parameters fitted
 to data (here a decay with two exponentials, y = a1 exp(-k1 t) + a2 exp(-k2 t) + c, as in
 fluorescence or drug-concentration data) the reference is MINPACK's ``lmder``, the algorithm
-behind ``scipy.optimize.least_squares(method="lm")``. ``pb.levenberg_marquardt(damping=
-"minpack")`` is that algorithm (Moré's trust region, the step on its boundary solved exactly),
-so it needs MINPACK's function evaluations; and being JAX, it runs under ``jit`` and ``vmap``:
-a bootstrap of hundreds of refits is one compiled call instead of a Python loop.
+behind ``scipy.optimize.least_squares(method="lm")``. ``pb.least_squares(residual_fn, x0,
+data)`` runs that algorithm (Moré's trust region, the step on its boundary solved exactly:
+``pb.fit`` with ``pb.levenberg_marquardt(damping="minpack")``), so it needs MINPACK's function
+evaluations; and being JAX, it runs under ``jit`` and ``vmap``: a bootstrap of hundreds of
+refits is one compiled call instead of a Python loop.
 
-Finding: ``damping="minpack"`` reaches scipy's MINPACK minimum in as many trials as scipy
-(6 and 6; the default damping 7), and 256 bootstrap refits in one ``jit(vmap(pb.fit))`` take
-38 ms against 3.0 s for a loop over scipy (2 CPU cores). For networks keep the default
-damping: on them MINPACK's trust region ends far higher (``benchmarks/RESULTS.md``).
+Finding: ``pb.least_squares`` reaches scipy's MINPACK minimum in as many trials as scipy
+(6 and 6; ``pb.levenberg_marquardt()``'s network defaults 7), and 256 bootstrap refits in one
+``jit(vmap(pb.least_squares))`` take 38 ms against 3.0 s for a loop over scipy (2 CPU cores).
+For networks use ``pb.fit`` with ``pb.levenberg_marquardt()``: on them MINPACK's trust region
+ends far higher (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -67,21 +69,20 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
                         method="lm", xtol=1e-14, ftol=1e-14, gtol=1e-14)  # fmt: skip
     print(f"scipy lm: cost {ref.cost:.10g} after {ref.nfev} evaluations ({ref.message})")
 
-    # --- paribus: MINPACK's algorithm, and the default (Nielsen's damping) ----------------------
-    runs = {}
-    for name, opt in (
-        ('damping="minpack"', pb.levenberg_marquardt(damping="minpack")),
-        ("default damping", pb.levenberg_marquardt()),
-    ):
-        result = pb.fit(residual_fn, x0, opt, ys, max_steps=500)
-        runs[name] = result
+    # --- paribus: MINPACK's algorithm, and LM's defaults for networks --------------------------
+    runs = {
+        "pb.least_squares": pb.least_squares(residual_fn, x0, ys),
+        "pb.levenberg_marquardt()": pb.fit(residual_fn, x0, pb.levenberg_marquardt(), ys,
+                                           max_steps=500),
+    }  # fmt: skip
+    for name, result in runs.items():
         print(f"{name}: cost {float(result.history.loss[-1]):.10g} after {result.steps} trials "
               f"({result.stop_reason}, converged {result.converged})")  # fmt: skip
     best = min(ref.cost, *(float(np.min(r.history.loss)) for r in runs.values()))
     count = {"scipy lm": first_within(costs, best)}
     for name, result in runs.items():
         count[name] = first_within(result.history.loss, best)  # loss[k]: L after k trials
-    mine = np.asarray(runs['damping="minpack"'].params)
+    mine = np.asarray(runs["pb.least_squares"].params)
     gap = float(np.max(np.abs(mine - ref.x) / np.abs(ref.x)))
     print("trials to the minimum (1e-9 relative):", count)
 
@@ -91,9 +92,8 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
     resid = np.asarray(ys - fitted)
     picks = rng.integers(0, T.size, size=(n_boot, T.size))
     samples = jnp.asarray(np.asarray(fitted)[None, :] + resid[picks])
-    opt = pb.levenberg_marquardt(damping="minpack")
-    refit = jax.jit(jax.vmap(lambda y: pb.fit(residual_fn, jnp.asarray(mine), opt, y,
-                                              max_steps=100).params))  # fmt: skip
+    refit = jax.jit(jax.vmap(lambda y: pb.least_squares(residual_fn, jnp.asarray(mine), y,
+                                                        max_steps=100).params))  # fmt: skip
     jax.block_until_ready(refit(samples))  # compile once
     start = time.perf_counter()
     boot = np.asarray(jax.block_until_ready(refit(samples)))
@@ -108,15 +108,15 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
     agree = float(np.max(np.abs(boot - loop) / np.abs(loop)))
     spread = boot.std(axis=0)
     print(f"bootstrap ({n_boot} refits): standard errors a1, k1, a2, k2, c = {np.round(spread, 4)}")
-    print(f"  one jit(vmap(pb.fit)) {ours * 1e3:.0f} ms, scipy loop {theirs * 1e3:.0f} ms, "
-          f"parameters agree to {agree:.1e}")  # fmt: skip
+    print(f"  one jit(vmap(pb.least_squares)) {ours * 1e3:.0f} ms, "
+          f"scipy loop {theirs * 1e3:.0f} ms, parameters agree to {agree:.1e}")  # fmt: skip
 
     # --- Picture: the fit, and the cost per evaluation ------------------------------------------
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(T, ys, ".", label="data")
-    left.plot(T, fitted, "-", label="fit (minpack)")
+    left.plot(T, fitted, "-", label="fit (pb.least_squares)")
     left.set(xlabel="t", ylabel="y", title="y = a1 exp(-k1 t) + a2 exp(-k2 t) + c")
     left.legend()
 
@@ -125,22 +125,22 @@ def main(quick: bool = False, out=_common.DEFAULT_OUT):
 
     right.semilogy(above(costs), "o-", label="scipy lm (every evaluation)")
     for name, result in runs.items():
-        right.semilogy(above(result.history.loss), ".-", label=f"paribus, {name} (kept points)")
+        right.semilogy(above(result.history.loss), ".-", label=f"{name} (kept points)")
     right.set(xlabel="evaluations / trials", ylabel="cost - best", title="convergence")
     right.legend()
     print("plot:", _common.save_figure(fig, out, "09_curve_fit.png"))
 
     ours_k, scipy_k, default_k = (
-        count['damping="minpack"'],
+        count["pb.least_squares"],
         count["scipy lm"],
-        count["default damping"],
+        count["pb.levenberg_marquardt()"],
     )
     print(
-        f'FINDING: damping="minpack" reaches scipy\'s MINPACK minimum (parameters within '
-        f"{gap:.1e}) in {ours_k} trials against scipy's {scipy_k} (default damping: "
-        f"{default_k}); "
-        f"{n_boot} bootstrap refits in one jit(vmap(pb.fit)) took {ours * 1e3:.0f} ms against "
-        f"{theirs * 1e3:.0f} ms for scipy's loop"
+        f"FINDING: pb.least_squares reaches scipy's MINPACK minimum (parameters within "
+        f"{gap:.1e}) in {ours_k} trials against scipy's {scipy_k} (pb.levenberg_marquardt()'s "
+        f"defaults: {default_k}); "
+        f"{n_boot} bootstrap refits in one jit(vmap(pb.least_squares)) took {ours * 1e3:.0f} ms "
+        f"against {theirs * 1e3:.0f} ms for scipy's loop"
     )
 
 

@@ -16,6 +16,7 @@ from paribus._fit import (
     History,
     StopReason,
     fit,
+    least_squares,
 )
 from paribus._jacobian import Jacobian, jacobian
 from paribus._linearize import Linearization, Plan, linearize
@@ -91,6 +92,7 @@ __all__ = [
     "jtj_diag",
     "levenberg_marquardt",
     "line_search",
+    "least_squares",
     "linearize",
     "loss",
     "loss_and_grad",

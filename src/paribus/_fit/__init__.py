@@ -16,6 +16,7 @@ The modules, in the order a call meets them:
 
 - ``records``: StopReason, History, FitState, FitProgress, FitResult (the public records).
 - ``fitting``: ``fit`` itself; ``_checks``: its arguments, checked at the call.
+- ``least_squares``: ``least_squares``, a classic fit (MINPACK's algorithm) through ``fit``.
 - ``_opt_state``: where the optimiser's StepInfo sits; the compositions refused.
 - ``_static``: the loop's static configuration and when two are equal (no recompilation);
   ``_compile``: XLA's quick settings for a small run on the CPU.
@@ -29,6 +30,7 @@ The modules, in the order a call meets them:
 from paribus._fit._host import CHUNK as CHUNK
 from paribus._fit._host import ITERATOR_CHUNK as ITERATOR_CHUNK
 from paribus._fit.fitting import fit
+from paribus._fit.least_squares import least_squares
 from paribus._fit.records import (
     CONVERGED,
     STOP_REASONS,
@@ -48,4 +50,5 @@ __all__ = [
     "History",
     "StopReason",
     "fit",
+    "least_squares",
 ]
