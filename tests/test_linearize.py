@@ -143,8 +143,9 @@ def test_one_lm_step_equals_the_normal_equations(arch, solve):
     lam = 0.3
     a = np.asarray(jac.T @ jac) + lam * np.eye(jac.shape[1])
     want = -np.linalg.solve(a, np.asarray(jac.T @ r))
+    # Monotone LM: the default's watchdog (on here, R < P) would try lam 1e-9-fold first.
     opt = pb.levenberg_marquardt(solve=solve, init_damping=lam, init_damping_relative=False,
-                                 cg_max_steps=500, cg_tol=1e-14)  # fmt: skip
+                                 cg_max_steps=500, cg_tol=1e-14, watchdog=None)  # fmt: skip
     step_info = jax.jit(
         lambda p: opt.update(None, opt.init(p), p, residual_fn=residual_fn, batch=batch)[1]
     )(params).step_info
@@ -289,7 +290,10 @@ def test_sharded_over_eight_devices_equals_one_device():
     batch = (xs, jnp.sin(xs[:, :2]))
     fn = pb.regression_residuals(apply)
     mesh = pb.sharding.data_mesh()
-    opt = pb.levenberg_marquardt(solve="dual", init_damping=0.1, init_damping_relative=False)
+    # At lam = 0.1 (monotone LM; the default's watchdog would take Gauss-Newton's step, lam
+    # 1e-10, where the sums' order over devices moves the step by 1.5e-10 relative).
+    opt = pb.levenberg_marquardt(solve="dual", init_damping=0.1, init_damping_relative=False,
+                                 watchdog=None)  # fmt: skip
 
     @jax.jit
     def run(params, batch):

@@ -107,6 +107,7 @@ def n_less_than_p(seed):
     [
         ({"watchdog": 8}, 10),  # measured 7 (seed 0), as Gauss-Newton
         ({"watchdog": "auto"}, 10),  # the watchdog, as R = 10 < P = 97
+        ({}, 10),  # the default: "auto"
         # Monotone: 158 with XLA's full compile, 184 with its quick one (pb.fit's choice at
         # max_steps 180-250): the crawl along the kernel's 1e-11 eigenvalues amplifies rounding.
         ({"watchdog": None}, 250),
@@ -219,18 +220,20 @@ def test_auto_watchdog_on_networks_follows_r_against_p(n_points, twin):
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name", ["equinox", "flax"])
 def test_auto_watchdog_on_modules_users_bring(name, dtype):
-    """Equinox and Flax NNX modules, float64 and float32: "auto" is watchdog=8 trial for
-    trial with R = 2 N < P, and watchdog=None with R > P (the shapes are read through the
-    module's own parameter pytree)."""
+    """Equinox and Flax NNX modules: "auto" (the default) is watchdog=8 trial for trial with
+    R = 2 N < P in float64, and watchdog=None with R > P (the shapes are read through the
+    module's own parameter pytree) and in float32 (Gauss-Newton's step there is decided by
+    rounding where R < P)."""
     apply, params, xs = ZOO[name](dtype=dtype)
     n_params = sum(np.size(p) for p in jax.tree.leaves(params))
-    for n, twin in ((N, 8), (n_params, None)):  # R = 2 N: below P, then above it
+    below = 8 if dtype == jnp.float64 else None
+    for n, twin in ((N, below), (n_params, None)):  # R = 2 N: below P, then above it
         inputs = jax.random.normal(jax.random.key(n), (n, *xs.shape[1:]), dtype)
         batch = (inputs, jnp.sin(jnp.arange(2 * n, dtype=dtype).reshape(n, 2)))
         runs = [
             pb.fit(pb.regression_residuals(apply), params, opt, batch, max_steps=12).history.loss
             for opt in (
-                pb.levenberg_marquardt(watchdog="auto"),
+                pb.levenberg_marquardt(),
                 pb.levenberg_marquardt(watchdog=twin),
                 pb.levenberg_marquardt(watchdog=None if twin else 8),
             )
@@ -290,13 +293,13 @@ def test_watchdog_on_the_networks_users_bring(name, dtype):
 @pytest.mark.parametrize("name", ["equinox", "cnn", "transformer"])
 def test_watchdog_is_as_fast_as_gauss_newton_where_it_works(name):
     """Where Gauss-Newton converges (N = 6 < P, float64; benchmarks/lm_watchdog_nets.py), the
-    watchdog's excursion follows it: L <= 1e-20 L_0 in no more trials than GN (measured 8, 6
+    default's watchdog follows it: L <= 1e-20 L_0 in no more trials than GN (measured 8, 6
     and 8; monotone LM 10, 7 and 12)."""
     apply, params, xs = ZOO[name]()
     s = jnp.sum(xs.reshape(N, -1), axis=1, keepdims=True)
     batch = (xs, jnp.concatenate([jnp.sin(s), jnp.cos(2 * s)], axis=1))
     reached = []
-    for opt in (pb.gauss_newton(), pb.levenberg_marquardt(watchdog=8)):
+    for opt in (pb.gauss_newton(), pb.levenberg_marquardt()):
         result = pb.fit(pb.regression_residuals(apply), params, opt, batch, max_steps=30,
                         grad_tol=0.0, target_loss=0.0)  # fmt: skip
         loss = np.asarray(result.history.loss, float)
@@ -305,3 +308,57 @@ def test_watchdog_is_as_fast_as_gauss_newton_where_it_works(name):
         reached.append(int(hits[0]))
     gn, watchdog = reached
     assert watchdog <= gn, reached
+
+
+def test_an_excursion_whose_steps_grow_returns_to_its_anchor(monkeypatch):
+    """A 3-8-8-2 MLP, N = 32 (R = 64 < P = 122), solve="cg": Gauss-Newton's excursion from the
+    start takes steps of 111, 6e4, 2e7 and 8e8, each lowering L, into saturated tanh units
+    (||theta|| 8e8), where the gradient vanishes and pb.fit stopped "converged" at L = 12.
+    With steps limited to WATCHDOG_STEP_GROWTH (4x) the last, the excursion returns to its
+    anchor at the second and LM interpolates the data (L 3e-29 within 30 trials)."""
+    import importlib
+
+    from tests.helpers import random_mlp
+
+    lm_module = importlib.import_module("paribus.solvers.levenberg_marquardt")
+
+    params, apply = random_mlp(jax.random.key(0), [3, 8, 8, 2])
+    kx, ky = jax.random.split(jax.random.key(1))
+    xs = jax.random.normal(kx, (32, 3))
+    batch = (xs, jnp.sin(xs[:, :2] * 2.0) + 0.1 * jax.random.normal(ky, (32, 2)))
+    residual_fn = pb.regression_residuals(apply)
+
+    def run():
+        opt = pb.levenberg_marquardt(solve="cg", cg_max_steps=200)
+        return pb.fit(residual_fn, params, opt, batch, max_steps=30)
+
+    def size(result):
+        return max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(result.params))
+
+    guarded = run()
+    assert guarded.history.loss[-1] < 1e-20 * guarded.history.loss[0] and size(guarded) < 10
+    monkeypatch.setattr(lm_module, "WATCHDOG_STEP_GROWTH", float("inf"))
+    jax.clear_caches()
+    unguarded = run()  # the slow twin: the rule without the guard
+    assert unguarded.converged and unguarded.history.loss[-1] > 1.0 and size(unguarded) > 1e6
+
+
+def test_auto_watchdog_in_float32_is_on_for_systems_of_equations():
+    """In float32 "auto" is on where R = P (Rosenbrock, as watchdog=8) and off where R < P (the
+    1-32-1 network on 10 points, as watchdog=None), trial for trial."""
+    rosenbrock = BY_NAME["rosenbrock"]
+    x0 = jnp.array(rosenbrock.x0, jnp.float32)
+    net_fn, net_params, (xs, ys) = n_less_than_p(0)
+    net_params = jax.tree.map(lambda p: p.astype(jnp.float32), net_params)
+    net_batch = (xs.astype(jnp.float32), ys.astype(jnp.float32))
+    for fn, params, batch, twin, other in (
+        (residual_fn_of(rosenbrock), x0, None, 8, None),
+        (net_fn, net_params, net_batch, None, 8),
+    ):
+        runs = [
+            pb.fit(fn, params, pb.levenberg_marquardt(watchdog=w), batch, max_steps=20).history.loss
+            for w in ("auto", twin, other)
+        ]
+        assert runs[0].dtype == jnp.float32
+        np.testing.assert_array_equal(runs[0], runs[1])
+        assert not np.array_equal(runs[0], runs[2])

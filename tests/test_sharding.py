@@ -271,8 +271,13 @@ def _optimisers():
         # CG run to convergence: a truncated CG iterate amplifies rounding differences (the
         # order of the sums over shards) far above rounding level, on any device count. This
         # small run compiles with XLA's quick settings (pb.fit's default here), which round
-        # otherwise again: 1.07e-8 seen, hence 5e-8.
-        pytest.param(levenberg_marquardt(solve="cg", cg_max_steps=200), 5e-8, id="lm-cg"),
+        # otherwise again: 1.07e-8 seen, hence 5e-8. Monotone LM: the default's watchdog (on
+        # here, R < P, float64) has CG solve Gauss-Newton's nearly singular system, which 200
+        # steps do not converge, so its first trial's loss differs by 2e-3 between 1 and 8
+        # devices (the watchdog's sharded runs: lm-dual above).
+        pytest.param(
+            levenberg_marquardt(solve="cg", cg_max_steps=200, watchdog=None), 5e-8, id="lm-cg"
+        ),  # fmt: skip
         # MINPACK's trust region: an SVD of the (row-sharded) J, or eigh of its Gram.
         pytest.param(levenberg_marquardt(damping="minpack"), 1e-9, id="lm-minpack"),
     ]
@@ -330,7 +335,8 @@ def test_fit_loop_makes_no_host_transfer(mesh, problem):
     with jax.transfer_guard("disallow"):
         out_params, losses, steps = jax.block_until_ready(train(p_s, b_s))
     assert _is_replicated(out_params)
-    assert int(steps) == 6 and np.all(np.diff(np.asarray(losses)[:7]) <= 0)
+    # The default's watchdog (on here, R < P) may raise the loss for a few steps; it ends lower.
+    assert int(steps) == 6 and np.asarray(losses)[6] < np.asarray(losses)[0]
     hlo = train.lower(p_s, b_s).compile().as_text()
     assert "while" in hlo
     assert "callback" not in hlo.lower() and "outfeed" not in hlo.lower()

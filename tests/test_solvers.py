@@ -464,16 +464,19 @@ def test_non_finite_trial_is_a_rejection_not_a_poisoned_state():
 
 
 def test_relative_and_absolute_initial_damping():
-    params, residual_fn, batch = mlp_problem()
+    params, residual_fn, batch = mlp_problem()  # R = 10 < P = 32: the default's watchdog is on
     jac, _, _ = dense_jacobian(residual_fn, params, batch)
-    _, state = one_step(pb.levenberg_marquardt(), params, residual_fn, batch)
+    mono = {"watchdog": None}
+    _, state = one_step(pb.levenberg_marquardt(**mono), params, residual_fn, batch)
     assert float(state.step_info.damping) == pytest.approx(1e-3 * np.max(np.sum(jac**2, 0)))
     # With the watchdog the first trial is Gauss-Newton's: 1e-9 of that lam0.
-    _, state = one_step(pb.levenberg_marquardt(watchdog=8), params, residual_fn, batch)
-    assert float(state.step_info.damping) == pytest.approx(1e-12 * np.max(np.sum(jac**2, 0)))
-    _, state = one_step(pb.levenberg_marquardt(damping="marquardt"), params, residual_fn, batch)
+    for opt in (pb.levenberg_marquardt(), pb.levenberg_marquardt(watchdog=8)):
+        _, state = one_step(opt, params, residual_fn, batch)
+        assert float(state.step_info.damping) == pytest.approx(1e-12 * np.max(np.sum(jac**2, 0)))
+    opt = pb.levenberg_marquardt(damping="marquardt", **mono)
+    _, state = one_step(opt, params, residual_fn, batch)
     assert float(state.step_info.damping) == pytest.approx(1e-3)
-    opt = pb.levenberg_marquardt(init_damping=0.25, init_damping_relative=True)
+    opt = pb.levenberg_marquardt(init_damping=0.25, init_damping_relative=True, **mono)
     _, state = one_step(opt, params, residual_fn, batch)
     assert float(state.step_info.damping) == pytest.approx(0.25 * np.max(np.sum(jac**2, 0)))
 
@@ -481,10 +484,15 @@ def test_relative_and_absolute_initial_damping():
 def test_damping_is_bounded():
     params, residual_fn, batch = mlp_problem()
     opt = pb.levenberg_marquardt(
-        init_damping=1e9, init_damping_relative=False, damping_bounds=(1e-3, 10.0)
+        init_damping=1e9, init_damping_relative=False, damping_bounds=(1e-3, 10.0), watchdog=None
     )
     _, state = one_step(opt, params, residual_fn, batch)
     assert float(state.step_info.damping) == 10.0 and float(state.damping) <= 10.0
+    # The watchdog's Gauss-Newton trial (lam0 1e-9-fold) is bounded below the same way.
+    opt = pb.levenberg_marquardt(init_damping=1e9, init_damping_relative=False,
+                                 damping_bounds=(1e-3, 10.0))  # fmt: skip
+    _, state = one_step(opt, params, residual_fn, batch)
+    assert float(state.step_info.damping) == 1e-3
 
 
 def test_marquardt_scaling_is_a_running_max():

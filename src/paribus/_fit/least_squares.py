@@ -78,13 +78,13 @@ def least_squares(
     ``pb.fit``'s.
 
     Why a separate entry point: on these problems MINPACK's trust region needs MINPACK's
-    trials (the MGH problems, 43 starts, float64: median 1.0x scipy's lmder, 41 solved), while
-    ``pb.levenberg_marquardt()``'s defaults (Nielsen's damping, Gauss-Newton's path where
-    R <= P) need 1.11x there; on networks with R > P it is the other way round (the trust
-    region ends 3.2x higher after 100 trials, up to 2,700x on MLPs, and each update costs
-    4.6-9.3x more), and no rule measured tells a curve fit from a network by its shapes
-    (``benchmarks/RESULTS.md``, 2026-12-03). Train networks with
-    ``pb.fit(..., pb.levenberg_marquardt(), ...)``.
+    trials (the MGH problems, 43 starts, float64: median 1.0x scipy's lmder, 41 solved),
+    while ``pb.levenberg_marquardt()``'s defaults (Nielsen's damping; Gauss-Newton's path
+    where the residuals can be met exactly) need 1.11x there; on networks with R > P it is
+    the other way round (the trust region ends 3.2x higher after 100 trials, up to 2,700x on
+    MLPs, and each update costs 4.6-9.3x more; also on MLPs as small as P = 7), and no rule
+    measured tells a curve fit from a network by its shapes (``benchmarks/RESULTS.md``,
+    2026-12-03). Train networks with ``pb.fit(..., pb.levenberg_marquardt(), ...)``.
 
     Args:
       residual_fn: ``residual_fn(x, batch)`` -> residuals, a float array or pytree of them

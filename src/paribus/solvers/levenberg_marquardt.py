@@ -24,8 +24,9 @@ class LevenbergMarquardtState(NamedTuple):
     taken at the noise floor of L (0 after any other step; see ``update``). The watchdog
     (see ``levenberg_marquardt(watchdog=...)``): ``anchor`` (flat theta where the current
     excursion began), its loss ``anchor_loss`` (on the last batch; 0 before any) and the
-    damping to resume with there, ``excursion`` (trials the excursion has left; 0: none) and
-    ``failures`` (excursions that ended back at their anchor). ``step_info``
+    damping to resume with there, ``excursion`` (trials the excursion has left; 0: none),
+    ``excursion_step`` (the length of its last step) and ``failures`` (excursions that ended
+    back at their anchor). ``step_info``
     (:class:`pb.StepInfo`) describes the last trial: the loss and gradient norm it was computed
     from, its lam, gain ratio (-inf when the trial was not finite), acceptance, norm, trial
     loss and solve form.
@@ -41,6 +42,7 @@ class LevenbergMarquardtState(NamedTuple):
     anchor_loss: jax.Array
     anchor_damping: jax.Array
     excursion: jax.Array
+    excursion_step: jax.Array
     failures: jax.Array
     step_info: StepInfo
 
@@ -55,6 +57,12 @@ WATCHDOG_FAILURES = 1
 counts)."""
 WATCHDOG_AUTO = 8
 """``watchdog="auto"``: the excursion length where R <= P."""
+WATCHDOG_STEP_GROWTH = 4.0
+"""An excursion goes on only with a step at most this times as long as its last one: Gauss-Newton
+that converges takes steps of about the same length, then shorter ones (Flax NNX, N = 6:
+2.5, 14, 2.9, 2.9, 1.3, 0.7, ...); one whose steps grow by orders is diverging, on a network
+into saturated units (a 3-8-8-2 MLP, N = 32, solve="cg": steps of 111, 6e4, 2e7 and 8e8 from
+||theta|| = 4.5 to a flat saturated point, where the run stopped as "converged")."""
 
 TIE_SHRINK = 0.9
 """At the noise floor of L, steps are taken on the model's word while each is at most this
@@ -148,19 +156,21 @@ class _Watch(NamedTuple):
     fields: dict  # the state's watchdog fields after this update
 
 
-def _watchdog(state, flat, value, anchor_loss, trial_value, finite, accepted, delta, lam, plain,
-              rejected_lam, length):  # fmt: skip
+def _watchdog(state, flat, value, anchor_loss, trial_value, finite, accepted, delta, step, lam,
+              plain, rejected_lam, length):  # fmt: skip
     """Chamberlain's watchdog (Chamberlain, Powell, Lemarechal & Pedersen 1982) for LM.
 
     An excursion starts at the first update (its trial was taken at lam = plain *
     WATCHDOG_SHRINK: Gauss-Newton's step) and at a rejected finite trial while no excursion
     has failed: the trial is taken whatever its gain ratio, if its loss is at most
     WATCHDOG_GROWTH times L, and theta_k is remembered as the anchor. Each later update of the
-    excursion takes its trial (damping shrunk by WATCHDOG_SHRINK each time) if it lowers L;
-    the first trial with a loss below the anchor's ends the excursion there (success). After
-    ``length`` trials without one, or at a trial that does not lower L (non-finite included),
-    the update returns theta to the anchor, lam resumes where the excursion began (as after
-    a rejection; at the first update, the ordinary lam0), and no excursion starts again.
+    excursion takes its trial (damping shrunk by WATCHDOG_SHRINK each time) if it lowers L
+    with a step (length ``step``) at most WATCHDOG_STEP_GROWTH times the last; the first
+    trial with a loss below the anchor's ends the excursion there (success). After
+    ``length`` trials without one, or at a trial that does not lower L (non-finite included)
+    or takes a longer one, the update returns theta to the anchor, lam resumes where the
+    excursion began (as after a rejection; at the first update, the ordinary lam0), and no
+    excursion starts again.
     """
     # theta_k below the anchor's loss: the excursion has succeeded (at the trial before);
     # this update is ordinary LM's.
@@ -171,7 +181,8 @@ def _watchdog(state, flat, value, anchor_loss, trial_value, finite, accepted, de
     success = in_exc & finite & (trial_value < anchor_loss)
     # Gauss-Newton that works lowers L at every trial after its first (superlinearly near
     # the end); one that does not is given up at once, not after ``length`` trials.
-    go_on = in_exc & finite & ~success & (state.excursion > 1) & (trial_value < value)
+    steady = step <= WATCHDOG_STEP_GROWTH * state.excursion_step
+    go_on = in_exc & finite & ~success & (state.excursion > 1) & (trial_value < value) & steady
     revert = in_exc & ~success & ~go_on
     take = (accepted & ~in_exc) | start | success | go_on
     back = state.anchor - flat
@@ -187,19 +198,26 @@ def _watchdog(state, flat, value, anchor_loss, trial_value, finite, accepted, de
         "anchor_loss": jnp.where(start, value, anchor_loss),
         "anchor_damping": jnp.where(start, resume, state.anchor_damping),
         "excursion": jnp.where(start, length, jnp.where(go_on, state.excursion - 1, 0)),
+        "excursion_step": jnp.where(start | go_on, step, state.excursion_step),
         "failures": state.failures + revert.astype(jnp.int32),
     }
     return _Watch(update, take | revert, revert, rule_owns, damping, fields)
 
 
-def _watchdog_length(watchdog, n_rows: int, n_params: int) -> int | None:
+def _watchdog_length(watchdog, n_rows: int, n_params: int, dtype) -> int | None:
     """The excursion length for this problem, at trace time. ``watchdog="auto"``: on where
-    R <= P, where J delta = -r can be met exactly (R = P: Gauss-Newton's step is Newton's
-    for r = 0; R < P: the minimum-norm step that interpolates the linearised network); off
-    where R > P (least squares: from a random start Gauss-Newton's first step leads
-    networks to worse fits, ``benchmarks/lm_watchdog_seeds.py``)."""
+    J delta = -r can be met exactly: R = P (a system of equations: Gauss-Newton's step is
+    Newton's for r = 0), and R < P in float64 (the minimum-norm step that interpolates the
+    linearised network). Off where R > P (least squares: from a random start Gauss-Newton's
+    first step leads networks to worse fits, ``benchmarks/lm_watchdog_seeds.py``), and where
+    R < P in float32: with J J^T conditioned beyond 1 / eps, the step at lam ~ 0 is decided by
+    rounding, and the run by the order of its sums (a 1-32-32-1 MLP, N = 128: 1 device and 8
+    70x apart after 10 trials); monotone LM already needs no more trials than Gauss-Newton
+    there in most runs Gauss-Newton solves (13 of 18 against the watchdog's 10)."""
     if watchdog == "auto":
-        return WATCHDOG_AUTO if n_rows <= n_params else None
+        exact = n_rows < n_params and jnp.dtype(dtype) == jnp.float64
+        on = n_rows == n_params or exact
+        return WATCHDOG_AUTO if on else None
     return watchdog
 
 
@@ -230,7 +248,7 @@ def levenberg_marquardt(
     cg_preconditioner: str | None = "jacobi",
     dual_refine_steps: int = 10,
     geodesic: float | None = None,
-    watchdog: int | str | None = None,
+    watchdog: int | str | None = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """Levenberg-Marquardt: one damped Gauss-Newton trial per ``update``, kept if it pays.
 
@@ -269,10 +287,10 @@ def levenberg_marquardt(
         Nielsen's damping 1.21x and 5.7x); on the networks users bring with R > P it ends
         3.2x higher after 100 trials in float64 (geometric mean; up to 2,700x on the MLPs,
         ``benchmarks/lm_minpack.py``), and one update there costs 4.6-9.3x Nielsen's. Use
-        it for classic curve fits, not for training networks. The defaults (nielsen,
-        identity scaling, lam0 = 1e-3 max diag(J^T J), no watchdog, no geodesic) were
-        measured by ``benchmarks/lm_defaults.py``, ``benchmarks/lm_minpack.py``,
-        ``benchmarks/lm_watchdog_nets.py`` and
+        it for classic curve fits (``pb.least_squares`` does, by default), not for training
+        networks. The defaults (nielsen, identity scaling, lam0 = 1e-3 max diag(J^T J),
+        watchdog "auto", no geodesic) were measured by ``benchmarks/lm_defaults.py``,
+        ``benchmarks/lm_minpack.py``, ``benchmarks/lm_watchdog_nets.py`` and
         ``benchmarks/lm_watchdog_seeds.py`` (MGH problems, MLPs with N < P and N > P, the
         networks users bring over seeds; float64 and float32; ``benchmarks/RESULTS.md``).
       scaling: "identity" (D = I) or "marquardt" (D = running max of diag(J^T J), MINPACK,
@@ -295,15 +313,18 @@ def levenberg_marquardt(
         when lam is within 10x of the kernel's rounding floor eps ||J J^T||_F, where the
         Cholesky of a kernel formed in floating point is noise (float32 with large P); each
         step costs one VJP and one JVP. 0 keeps the bare Cholesky step.
-      watchdog: None (the default): monotone LM (no accepted step raises L). "auto": k = 8 where
-        R <= P (the residuals can be met exactly: a system of equations, or a network with fewer
-        residuals than parameters), None where R > P; decided at trace time from the shapes
-        (opt-in; ``benchmarks/RESULTS.md`` says why). k >= 1: a non-monotone start
+      watchdog: "auto" (the default): k = 8 where the residuals can be met exactly: R = P (a
+        system of equations) and, in float64, R < P (a network with fewer residuals than
+        parameters); None where R > P, and where R < P in float32 (there Gauss-Newton's step is
+        decided by rounding, and a run's path by the order of its sums: 1 device against 8,
+        70x apart after 10 trials); decided at trace time from the shapes and dtype. None:
+        monotone LM everywhere (no accepted step raises L). k >= 1: a non-monotone start
         (Chamberlain's watchdog, 1982). The first trial is Gauss-Newton's step (lam shrunk
         1e-9-fold) and is taken whatever its gain ratio (if L_trial <= 1e3 L); the next trials
         too (lam shrunk 1e-9-fold each) while each lowers L, until one is below L(theta_0): from
-        there LM goes on as usual. At a trial that does not lower L (or a non-finite one), or
-        after k trials, the update returns theta to theta_0 and LM starts over from lam0. While
+        there LM goes on as usual. At a trial that does not lower L (or a non-finite one), one
+        whose step is over 4x the excursion's last (Gauss-Newton diverging), or after k
+        trials, the update returns theta to theta_0 and LM starts over from lam0. While
         no excursion has failed, a rejected trial starts one the same way from the current
         theta; ordinary rejections raise lam to at least 2 ||g|| / ||delta|| (D = I; the next
         step at most half as long). The loss can stay above its best for up to k steps (the
@@ -311,15 +332,17 @@ def levenberg_marquardt(
         stopped by ``max_steps`` inside an excursion ends above its best loss. Each update of an
         excursion evaluates the anchor's loss again on its own batch (one more forward pass), so
         with ``pb.fit``'s ``batch_indices`` minibatches every comparison is within one batch.
-        Measured (``benchmarks/RESULTS.md``, 2026-12-03 11:00): on the MGH problems "auto"
-        solves 41 of 43 starts in float64 (monotone LM 40, k = 8 everywhere 39) with a median of
-        1.11x MINPACK's trials and a worst of 2.5x (monotone 1.21x and 5.7x); on the 1-32-1 MLP
-        with N < P it takes 6 trials (Gauss-Newton's) against monotone LM's 161. On the networks
-        users bring with N < P (96 runs over seeds) it takes Gauss-Newton's trials in 26 of the
-        37 runs Gauss-Newton solves (monotone LM: no more than Gauss-Newton in 18) and solves 79
-        against 78, at 1.08x monotone LM's trials in geometric mean. With R > P the watchdog
-        ended 1.8-2.8x higher after 100 trials (geometric mean; up to 1e4x on pb.nets), so
-        "auto" leaves it off there.
+        Measured (``benchmarks/RESULTS.md``, 2026-12-03 17:30): on the MGH problems "auto"
+        solves 41 of 43 starts in float64 (monotone LM 40) with a median of 1.11x MINPACK's
+        trials and a worst of 2.5x (monotone 1.21x and 5.7x); on the 1-32-1 MLP with N < P it
+        takes 6 trials (Gauss-Newton's) against monotone LM's 161. On the networks users bring
+        with N < P in float64 (48 runs over seeds) it takes Gauss-Newton's trials in 15 of the
+        19 runs Gauss-Newton solves (monotone LM no more than Gauss-Newton's in 5), solving as
+        many as monotone LM (39) at 1.08x its trials in geometric mean (where Gauss-Newton
+        fails, the failed excursion costs trials). With R > P the watchdog ended 1.8-2.8x
+        higher after 100 trials (geometric mean; up to 1e4x on pb.nets), so "auto" leaves it
+        off there, and the default is monotone LM's run, trial for trial. For classic curve
+        fits use ``pb.least_squares`` (MINPACK's algorithm: median 1.0x its trials).
       geodesic: None, or alpha > 0 to add geodesic acceleration (Transtrum & Sethna 2012):
         with v the step above, solve (J^T J + lam D) a = -J^T r_vv, r_vv = d^2/dt^2
         r(theta + t v) at t = 0 (two nested JVPs), and try delta = v + a / 2, the
@@ -401,6 +424,7 @@ def levenberg_marquardt(
             anchor_loss=jnp.zeros((), dt),
             anchor_damping=jnp.asarray(lam0, dt),
             excursion=jnp.zeros((), jnp.int32),
+            excursion_step=jnp.zeros((), dt),
             failures=jnp.zeros((), jnp.int32),
             step_info=empty_step_info(dt),
         )
@@ -422,7 +446,7 @@ def levenberg_marquardt(
         )
         model, form = work.model, work.form
         dt = model.r.dtype
-        length = _watchdog_length(watchdog, model.r.size, work.flat.size)
+        length = _watchdog_length(watchdog, model.r.size, work.flat.size, dt)
         minpack = damping == "minpack"
         if minpack:
             length = None  # watchdog="auto" leaves MINPACK's trust region alone
@@ -526,7 +550,8 @@ def levenberg_marquardt(
             )
             wd = _watchdog(
                 state, work.flat, model.value.astype(dt), anchor_loss, trial_value.astype(dt),
-                ok & jnp.isfinite(actual), accepted, delta, lam, plain, rejected_lam, length,
+                ok & jnp.isfinite(actual), accepted, delta, step_norm, lam, plain, rejected_lam,
+                length,
             )  # fmt: skip
             update, accepted = wd.update, wd.accepted
             new_lam = jnp.where(wd.rule_owns & ~wd.accepted, jnp.maximum(new_lam, floor), new_lam)
@@ -561,6 +586,7 @@ def levenberg_marquardt(
             anchor_loss=state.anchor_loss,
             anchor_damping=state.anchor_damping,
             excursion=state.excursion,
+            excursion_step=state.excursion_step,
             failures=state.failures,
             step_info=info,
         )._replace(**watch)
