@@ -48,11 +48,13 @@ from zoo import PROBLEMS, Problem  # noqa: E402
 
 import paribus as pb  # noqa: E402
 
-# Every configuration but the watchdogs is monotone (watchdog=None, the default). "auto"
-# is watchdog 8 where R <= P and monotone LM elsewhere; "minpack" is MINPACK's lmder.
+# "default" is pb.levenberg_marquardt() as it stands (Nielsen's damping, watchdog "auto": 8
+# where R <= P, monotone LM elsewhere); the others are monotone (watchdog=None) unless they
+# name a watchdog; "minpack" is MINPACK's lmder (pb.least_squares's default).
 MONO = {"watchdog": None}
 CONFIGS = {
-    "nielsen, monotone (default)": MONO,
+    "default": {},
+    "nielsen, monotone": MONO,
     "nielsen, marquardt scaling": {**MONO, "scaling": "marquardt"},
     "nielsen, tau 1e-6": {**MONO, "init_damping": 1e-6},
     "delayed (x2 / 3)": {**MONO, "damping": "delayed"},
@@ -64,7 +66,7 @@ CONFIGS = {
     "watchdog auto": {"watchdog": "auto"},
     "minpack (Moré's trust region)": {"damping": "minpack"},
 }
-QUICK = ("nielsen, monotone (default)", "watchdog auto", "nielsen + geodesic", "watchdog 8")
+QUICK = ("default", "nielsen, monotone", "nielsen + geodesic", "minpack (Moré's trust region)")
 
 
 def _broyden_banded(x):

@@ -18,9 +18,12 @@ Setup:
 - Time: one jitted update (compile apart) of the pb.nets MLP 1-h-1 (tanh) on N points of a
   sine, float32, for (N, h) with P from 61 to 1,201 and R / P from 4 to 33; the solve form
   is "auto" (primal for all of these).
+- ``--small`` (only this): pb.nets MLPs as small as classic curve fits (``SMALL``: 1-2-1 to
+  1-12-1, P = 7 to 37), N = 40 and 256, 4 seeds, both dtypes: does MINPACK's trust region
+  hold where P is small? Reported: the lowest L / L_0 after 100 trials, minpack / nielsen.
 
 Run: ``python benchmarks/lm_minpack.py`` (about 15 minutes on one core; ``--quick``: 2
-seeds, pb.nets, Equinox and the CNN, two timing sizes).
+seeds, pb.nets, Equinox and the CNN, two timing sizes); ``--small``: about 4 minutes.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ METHODS = {
     "minpack": {"damping": "minpack"},
 }
 TIMING = ((2000, 20), (2000, 100), (4000, 300), (8000, 400))  # (N, hidden): P = 3 h + 1
+# --small: pb.nets MLPs with few parameters (P = 7 to 37), as small as classic curve fits.
+SMALL = ([1, 2, 1], [1, 3, 1], [1, 4, 1], [1, 5, 1], [2, 4, 1], [1, 8, 1], [1, 3, 3, 1],
+         [1, 12, 1])  # fmt: skip
 
 
 def curve(fn, params, opt, batch):
@@ -83,6 +89,44 @@ def trial_rows(nets, seeds):
                 print(row, flush=True)
                 jax.clear_caches()  # see lm_watchdog_seeds.py: the kernel's memory-map limit
     return rows
+
+
+def small_rows(seeds):
+    """Lowest L / L_0 after 100 trials, minpack against nielsen (monotone), on small pb.nets
+    MLPs (tanh), N = 40 and 256 uniform inputs, targets sin(3 s) + 0.3 cos(5 s) of their sum."""
+    rows = []
+    for sizes in SMALL:
+        for n in (40, 256):
+            for dtype in (jnp.float64, jnp.float32):
+                init, apply = pb.nets.mlp(sizes, "tanh", dtype=dtype)
+                xs = jax.random.uniform(jax.random.key(7), (n, sizes[0]), dtype, -1, 1)
+                s = xs.sum(1, keepdims=True)
+                batch = (xs, jnp.sin(3 * s) + 0.3 * jnp.cos(5 * s))
+                fn = pb.regression_residuals(apply)
+                for seed in range(seeds):
+                    params = init(jax.random.key(seed))
+                    ends = {m: curve(fn, params, pb.levenberg_marquardt(**cfg), batch)[STEPS]
+                            for m, cfg in METHODS.items()}  # fmt: skip
+                    rows.append({"sizes": "-".join(map(str, sizes)), "N": n,
+                                 "dtype": jnp.dtype(dtype).name, "seed": seed,
+                                 "P": sum(np.size(p) for p in jax.tree.leaves(params)),
+                                 "nielsen L/L0 @100": ends["nielsen"],
+                                 "minpack L/L0 @100": ends["minpack"]})  # fmt: skip
+                    jax.clear_caches()
+    return rows
+
+
+def small_summary(rows):
+    out = []
+    for sizes in dict.fromkeys(r["sizes"] for r in rows):
+        for dtype in ("float64", "float32"):
+            mine = [r for r in rows if r["sizes"] == sizes and r["dtype"] == dtype]
+            ratio = [r["minpack L/L0 @100"] / r["nielsen L/L0 @100"] for r in mine]
+            out.append({"network": sizes, "P": mine[0]["P"], "dtype": dtype, "runs": len(ratio),
+                        "end L minpack / nielsen (geo mean)": geo(ratio),
+                        "minpack lower / higher": f"{sum(x < 1 for x in ratio)} / "
+                                                  f"{sum(x > 1 for x in ratio)}"})  # fmt: skip
+    return out
 
 
 def trial_summary(rows):
@@ -136,7 +180,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--nets", default=None, help="comma-separated names of tests/nets_zoo.py")
     p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--small", action="store_true", help="only the small pb.nets MLPs (SMALL)")
     args = p.parse_args()
+    if args.small:
+        jax.config.update("jax_enable_x64", True)
+        rows = small_rows(args.seeds or (2 if args.quick else 4))
+        _common.write_results(args.out / "small_runs", rows, title="minpack vs nielsen, small")
+        title = "minpack vs nielsen on small pb.nets MLPs: lowest L / L_0 after 100 trials"
+        print(_common.write_results(args.out / "small", small_summary(rows), title=title))
+        return
     nets = ("pbnets", "equinox", "cnn") if args.quick else NETS
     nets = args.nets.split(",") if args.nets else nets
     seeds = args.seeds or (2 if args.quick else 4)

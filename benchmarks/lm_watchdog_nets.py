@@ -45,7 +45,7 @@ STEPS = 100
 def methods(watchdogs):
     """Name -> optimiser: LM with each watchdog length, monotone LM, GN."""
     out = {f"watchdog={k}": pb.levenberg_marquardt(watchdog=k) for k in watchdogs}
-    out["monotone (default)"] = pb.levenberg_marquardt(watchdog=None)
+    out["monotone"] = pb.levenberg_marquardt(watchdog=None)
     out["gauss_newton"] = pb.gauss_newton()
     return out
 

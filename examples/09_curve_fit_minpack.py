@@ -11,7 +11,7 @@ refits is one compiled call instead of a Python loop.
 
 Finding: ``pb.least_squares`` reaches scipy's MINPACK minimum in as many trials as scipy
 (6 and 6; ``pb.levenberg_marquardt()``'s network defaults 7), and 256 bootstrap refits in one
-``jit(vmap(pb.least_squares))`` take 38 ms against 3.0 s for a loop over scipy (2 CPU cores).
+``jit(vmap(pb.least_squares))`` take 35 ms against 2.6 s for a loop over scipy (2 CPU cores).
 For networks use ``pb.fit`` with ``pb.levenberg_marquardt()``: on them MINPACK's trust region
 ends far higher (``benchmarks/RESULTS.md``).
 """
