@@ -56,7 +56,7 @@ WATCHDOG_FAILURES = 1
 """Excursions start after rejections only until this many have failed (the first update's
 counts)."""
 WATCHDOG_AUTO = 8
-"""``watchdog="auto"``: the excursion length where R <= P."""
+"""``watchdog="auto"``: the excursion length where it is on (see ``_watchdog_length``)."""
 WATCHDOG_STEP_GROWTH = 4.0
 """An excursion goes on only with a step at most this times as long as its last one: Gauss-Newton
 that converges takes steps of about the same length, then shorter ones (Flax NNX, N = 6:
@@ -168,9 +168,9 @@ def _watchdog(state, flat, value, anchor_loss, trial_value, finite, accepted, de
     with a step (length ``step``) at most WATCHDOG_STEP_GROWTH times the last; the first
     trial with a loss below the anchor's ends the excursion there (success). After
     ``length`` trials without one, or at a trial that does not lower L (non-finite included)
-    or takes a longer one, the update returns theta to the anchor, lam resumes where the
-    excursion began (as after a rejection; at the first update, the ordinary lam0), and no
-    excursion starts again.
+    or takes a step more than WATCHDOG_STEP_GROWTH times the last, the update returns theta
+    to the anchor, lam resumes where the excursion began (as after a rejection; at the first
+    update, the ordinary lam0), and no excursion starts again.
     """
     # theta_k below the anchor's loss: the excursion has succeeded (at the trial before);
     # this update is ordinary LM's.
