@@ -141,6 +141,11 @@ def check_state(state, expected: type, *, n_params: int, dtype, where: str) -> N
         )
 
 
+def scaled_norm(v: jax.Array, d: jax.Array | None) -> jax.Array:
+    """||D^1/2 v|| (||v|| where D = I, ``d`` None): LM's step length in its scaling."""
+    return jnp.linalg.norm(v if d is None else jnp.sqrt(d) * v)
+
+
 def finite(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x))
 

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from paribus.solvers import _common
 from paribus.solvers._linear import SWITCH, Solution, _code, gradient, rounding_floor
 from paribus.solvers._model import Model
 
@@ -57,14 +58,9 @@ class Step(NamedTuple):
     scaled_norm: jax.Array
 
 
-def scaled_norm(v: jax.Array, d: jax.Array | None) -> jax.Array:
-    """||D^1/2 v|| (||v|| where D = I)."""
-    return jnp.linalg.norm(v if d is None else jnp.sqrt(d) * v)
-
-
 def initial_radius(flat: jax.Array, d: jax.Array | None) -> jax.Array:
     """Delta_0 = 100 ||D^1/2 theta_0||, or 100 where that is 0."""
-    radius = FACTOR * scaled_norm(flat, d)
+    radius = FACTOR * _common.scaled_norm(flat, d)
     return jnp.where(radius > 0, radius, FACTOR)
 
 
